@@ -1,0 +1,82 @@
+"""convbn_pass: Conv→BatchNorm blocks in Tune mode under ``torch.compile``.
+
+::
+
+    import convbn_pass, torch
+    model = torch.compile(model, options=convbn_pass.options())   # this compile only
+    # or, for every later compile of the process:
+    convbn_pass.enable()
+
+BatchNorm layers that run on running statistics (``model.eval()`` BN, the usual
+fine-tuning setup) become one convolution whose weights are rebuilt from the
+real parameters on each step: same forward, same gradients, and the conv output
+is no longer kept for backward.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+
+from .inductor import ConvBNPass, disable, enable, enabled, is_enabled, options
+from .match import REASONS
+from .policy import POLICIES
+from .records import Decision, clear_decisions, decisions
+from .rewrite import run
+
+__all__ = [
+    "apply", "enable", "disable", "enabled", "is_enabled", "options", "ConvBNPass",
+    "Decision", "decisions", "clear_decisions", "POLICIES", "REASONS",
+]
+
+__version__ = "0.1.0"
+
+
+def apply(gm: fx.GraphModule, example_inputs: Sequence[Any] | None = None, *,
+          policy: str = "auto") -> list[Decision]:
+    """Rewrite ``gm`` in place (for example a ``torch.fx.symbolic_trace`` graph).
+
+    ``example_inputs``, if given, are run through the graph first to record
+    shapes, which linear→BatchNorm1d pairs and the ``auto`` policy need when the
+    graph carries none. Returns one decision per candidate block.
+
+    A BatchNorm *module* tuned here reads its running statistics as they are at
+    each call, but its mode was read now: calling ``gm`` after switching such a
+    module to training mode raises instead of giving Eval-mode results.
+    """
+    if not isinstance(gm, fx.GraphModule):
+        raise TypeError(f"apply() takes a torch.fx.GraphModule, not {type(gm).__name__}")
+    if example_inputs is not None:
+        from torch.fx.passes.shape_prop import ShapeProp
+        ShapeProp(gm).propagate(*example_inputs)
+    decided = run(gm.graph, policy)
+    gm.recompile()
+    _guard_module_modes(gm, decided)
+    return decided
+
+
+def _guard_module_modes(gm: fx.GraphModule, decided: list[Decision]) -> None:
+    tuned = [d.bn for d in decided if d.tuned]
+    modules = [m for m in (_get(gm, path) for path in tuned)
+               if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not modules:
+        return
+
+    def check(module: torch.nn.Module, args: Any) -> None:
+        for bn in modules:
+            if bn.training:
+                raise RuntimeError(
+                    "convbn_pass.apply() rewrote this graph while its BatchNorm modules "
+                    "were in eval mode; one is now in training mode. Trace and apply "
+                    "again, or switch the BatchNorm back with .eval().")
+
+    gm.register_forward_pre_hook(check)
+
+
+def _get(gm: torch.nn.Module, path: str) -> Any:
+    try:
+        return gm.get_submodule(path)
+    except AttributeError:
+        return None

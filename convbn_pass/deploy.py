@@ -1,0 +1,70 @@
+"""Deploy mode: a copy of a model with each eval-mode BatchNorm folded into its conv.
+
+``W′`` and ``b′`` are computed once (with tune.py's functions) and become the
+conv's own parameters; the BatchNorm becomes ``nn.Identity``. This is the memory
+floor no training-capable mode can beat, and the reference the pass is measured
+against; training in this mode changes what is learnt, so it is a yardstick, not
+an alternative.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from . import tune
+from .match import find_candidates, module_path
+
+__all__ = ["fold", "pairs"]
+
+
+def pairs(model: nn.Module, *example_inputs: Any) -> list[tuple[str, str]]:
+    """``(conv path, bn path)`` of every pair the pass would accept, found in the
+    graph Dynamo captures for ``model(*example_inputs)``."""
+    graphs: list[fx.GraphModule] = []
+
+    def capture(gm: fx.GraphModule, inputs: Any) -> Any:
+        graphs.append(gm)
+        return gm.forward
+
+    with torch.no_grad():
+        torch.compile(model, backend=capture)(*example_inputs)
+    found, calls = [], Counter()
+    for gm in graphs:
+        for node in gm.graph.nodes:
+            if node.op in ("call_function", "call_module"):
+                calls[module_path(node)] += 1
+        found += [(c.conv_path, c.bn_path) for c in find_candidates(gm.graph)
+                  if c.reject is None]
+    # A module called more than once cannot be folded for one call only.
+    return [(conv, bn) for conv, bn in found if calls[conv] == 1 and calls[bn] == 1]
+
+
+@torch.no_grad()
+def fold(model: nn.Module, *example_inputs: Any) -> nn.Module:
+    """A deep copy of ``model`` (in eval mode) in Deploy mode."""
+    folded = copy.deepcopy(model).eval()
+    for conv_path, bn_path in pairs(folded, *example_inputs):
+        conv = folded.get_submodule(conv_path)
+        bn = folded.get_submodule(bn_path)
+        assert isinstance(bn, nn.modules.batchnorm._BatchNorm)
+        transposed = isinstance(conv, nn.modules.conv._ConvTransposeNd)
+        groups = getattr(conv, "groups", 1)
+        scale = tune.bn_scale(bn.running_var, bn.weight, bn.eps)
+        new = copy.deepcopy(conv)
+        new.weight = nn.Parameter(tune.scale_weight(conv.weight, scale, transposed, groups))
+        new.bias = nn.Parameter(tune.fuse_bias(conv.bias, bn.running_mean, scale, bn.bias,
+                                               conv.weight))
+        _set_submodule(folded, conv_path, new)
+        _set_submodule(folded, bn_path, nn.Identity())
+    return folded
+
+
+def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)

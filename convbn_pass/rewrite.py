@@ -88,7 +88,11 @@ def rewrite_candidate(graph: fx.Graph, cand: Candidate, action: Action) -> fx.No
     the block's output."""
     assert cand.reject is None and action is not Action.EVAL
     conv, bn = cand.conv, cand.bn
-    with graph.inserting_before(conv.node):
+    # Everything the conv and the BN read is defined before the BN node (symbolic
+    # traces create a BN's get_attr nodes after the conv), so the new nodes go
+    # just before the BN, and a functional conv moves down behind them: its only
+    # user is the BN, so nothing in between needs it.
+    with graph.inserting_before(bn.node):
         # Step (1): the parameters and statistics as nodes.
         w = _materialise(graph, conv.weight)
         b = _materialise(graph, conv.bias)
@@ -104,6 +108,7 @@ def rewrite_candidate(graph: fx.Graph, cand: Candidate, action: Action) -> fx.No
         new_nodes = (scale, weight, bias)
         # Step (3): the conv itself, now with W′ and b′.
         if conv.module is None:
+            bn.node.prepend(conv.node)
             _set_arg(conv.node, conv.params, "weight", weight)
             _set_arg(conv.node, conv.params, "bias", bias)
             out = conv.node

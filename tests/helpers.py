@@ -1,0 +1,92 @@
+"""Building blocks and checks shared by the tests."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from convbn_pass import zoo
+
+KINDS = ["conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
+         "conv_transpose3d", "linear"]
+
+_CONV = {
+    "conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "conv3d": nn.Conv3d,
+    "conv_transpose1d": nn.ConvTranspose1d, "conv_transpose2d": nn.ConvTranspose2d,
+    "conv_transpose3d": nn.ConvTranspose3d,
+}
+_BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+_SPATIAL = {1: (9,), 2: (7, 6), 3: (5, 4, 5)}
+
+
+def dims(kind: str) -> int:
+    return 0 if kind == "linear" else int(kind[-2])
+
+
+def block(kind: str, *, bias: bool = True, affine: bool = True, groups: int = 1,
+          c_in: int = 4, c_out: int = 6, seed: int = 0, **conv_kw: Any) -> nn.Sequential:
+    """``conv → BN`` (``linear → BatchNorm1d``) in eval mode with non-trivial statistics."""
+    torch.manual_seed(seed)
+    if kind == "linear":
+        conv: nn.Module = nn.Linear(c_in, c_out, bias=bias)
+        bn: nn.Module = nn.BatchNorm1d(c_out, affine=affine)
+    else:
+        conv_kw.setdefault("kernel_size", 3)
+        conv = _CONV[kind](c_in, c_out, groups=groups, bias=bias, **conv_kw)
+        bn = _BN[dims(kind)](c_out, affine=affine)
+    return zoo.randomize_bn(nn.Sequential(conv, bn), seed).eval()
+
+
+def sample(kind: str, batch: int = 2, c_in: int = 4, seed: int = 1,
+           dtype: torch.dtype = torch.float32, device: Any = "cpu") -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    shape = (batch, c_in) + (() if kind == "linear" else _SPATIAL[dims(kind)])
+    return torch.randn(shape, generator=gen, dtype=dtype).to(device)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Norm-wise relative error of ``a`` against the reference ``b``."""
+    a, b = a.detach().double(), b.detach().double()
+    scale = b.norm().item()
+    return (a - b).norm().item() / (scale if scale > 0 else 1.0)
+
+
+class Step:
+    """One forward/backward of ``fn`` on a fresh copy of ``model``: output and gradients."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor,
+                 compile_fn: Callable[[nn.Module], Callable[..., Any]] | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        self.model = copy.deepcopy(model)
+        if dtype is not None:
+            self.model = self.model.to(dtype)
+            x = x.to(dtype)
+        self.buffers_before = {k: v.clone() for k, v in self.model.named_buffers()}
+        fn = compile_fn(self.model) if compile_fn is not None else self.model
+        self.x = x.detach().clone().requires_grad_(True)
+        self.out = fn(self.x)
+        # A fixed, non-uniform upstream gradient so that every output element matters.
+        gen = torch.Generator().manual_seed(7)
+        upstream = torch.randn(self.out.shape, generator=gen, dtype=torch.float64)
+        (self.out * upstream.to(self.out)).sum().backward()
+        self.grads = {"input": self.x.grad}
+        self.grads.update({k: p.grad for k, p in self.model.named_parameters()})
+
+    def buffers_unchanged(self) -> bool:
+        return all(torch.equal(v, self.buffers_before[k])
+                   for k, v in self.model.named_buffers())
+
+
+def errors(step: Step, ref: Step) -> dict[str, float]:
+    """Relative error of the output and of every gradient of ``step`` against ``ref``."""
+    errs = {"output": rel_err(step.out, ref.out)}
+    for name, grad in ref.grads.items():
+        if grad is None:  # a parameter the model does not use
+            assert step.grads.get(name) is None, f"a gradient reached unused {name}"
+            continue
+        assert step.grads[name] is not None, f"no gradient reached {name}"
+        errs[name] = rel_err(step.grads[name], grad)
+    return errs

@@ -1,0 +1,338 @@
+"""Every IR form the pass must match, and every guard that must leave a block alone.
+
+Each case is one line: a model, an input, and how many blocks must be tuned (and
+which skip reasons recorded). The helper checks structure (decisions and
+counters) and numbers (float64 output and gradients against eager).
+"""
+
+from __future__ import annotations
+
+import operator
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+import convbn_pass
+from convbn_pass import backends, zoo
+from convbn_pass.printing import format_graph
+from convbn_pass.records import COUNTER
+from helpers import KINDS, Step, block, errors, sample
+
+TOL = 1e-10
+
+
+def _counts() -> dict[str, int]:
+    return dict(torch._dynamo.utils.counters[COUNTER])
+
+
+def _check(model: nn.Module, x: torch.Tensor, tuned: int, skipped: dict[str, int] | None = None,
+           policy: str = "memory") -> None:
+    """Through Dynamo and the light backend, in float64."""
+    model = zoo.randomize_bn(model).eval()
+    ref = Step(model, x, dtype=torch.float64)
+    got = Step(model, x, lambda m: torch.compile(m, backend=backends.light(policy)),
+               dtype=torch.float64)
+    expected = {"tuned": tuned} if tuned else {}
+    expected.update({f"skipped_{k}": n for k, n in (skipped or {}).items()})
+    assert _counts() == expected
+    errs = errors(got, ref)
+    assert max(errs.values()) <= TOL, errs
+    assert got.buffers_unchanged()
+
+
+def _check_fx(model: nn.Module, x: torch.Tensor, tuned: int,
+              skipped: dict[str, int] | None = None, example: bool = True) -> fx.GraphModule:
+    """Through ``symbolic_trace`` (module nodes) and ``convbn_pass.apply``, in float64."""
+    model = zoo.randomize_bn(model).eval().double()
+    x = x.double()
+    gm = fx.GraphModule(model, _LeafTracer().trace(model))
+    decided = convbn_pass.apply(gm, [x] if example else None, policy="memory")
+    assert sum(d.tuned for d in decided) == tuned
+    assert {d.reason: sum(e.reason == d.reason for e in decided)
+            for d in decided if not d.tuned} == (skipped or {})
+    ref, got = Step(model, x), Step(gm, x)
+    errs = errors(got, ref)
+    assert max(errs.values()) <= TOL, errs
+    return gm
+
+
+class _LeafTracer(fx.Tracer):
+    """symbolic_trace, with user subclasses of conv and BN kept as module calls."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm,
+                              nn.Linear)) or super().is_leaf_module(m, qualname)
+
+
+# --- Small modules for the forms ---------------------------------------------------
+
+class Functional(nn.Module):
+    """Parameters used through functional calls written in different ways."""
+
+    def __init__(self, style: str) -> None:
+        super().__init__()
+        self.style = style
+        self.conv = nn.Conv2d(4, 6, 3)
+        self.bn = nn.BatchNorm2d(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c, bn = self.conv, self.bn
+        if self.style == "kwargs":
+            y = F.conv2d(x, c.weight, bias=c.bias, stride=2, padding=1)
+            return F.batch_norm(y, bn.running_mean, bn.running_var, weight=bn.weight,
+                                bias=bn.bias, training=False, eps=1e-3)
+        if self.style == "three_args":
+            y = F.conv2d(x, c.weight, c.bias, padding=1)
+            return F.batch_norm(y, bn.running_mean, bn.running_var)
+        if self.style == "torch_batch_norm":  # aten argument order
+            y = torch.conv2d(x, c.weight, None, 1, "same")
+            return torch.batch_norm(y, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                                    False, 0.1, 1e-5, False)
+        raise AssertionError(self.style)
+
+
+class CalledTwice(nn.Module):
+    """One conv module, two calls; only the first call's output feeds a BN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.bn(self.conv(x)).relu())
+
+
+class MultiUser(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 6, 3)
+        self.bn = nn.BatchNorm2d(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+class Linear3d(nn.Module):
+    """(N, C, L) → linear on L → BatchNorm1d on C. Shapes fit (L_out == C) but the
+    BN channel axis is 1 while linear's output features are the last axis."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, 6)
+        self.bn = nn.BatchNorm1d(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.fc(x))
+
+
+class ActBN(nn.BatchNorm2d):
+    """A BN subclass whose forward adds an activation (timm's BatchNormAct2d does)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(super().forward(x))
+
+
+class PlainBN(nn.BatchNorm2d):
+    """A BN subclass with the stock forward."""
+
+
+class TransposeOutputSize(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.up(x, output_size=[14, 12]))
+
+
+def seq(*layers: nn.Module) -> nn.Sequential:
+    return nn.Sequential(*layers)
+
+
+X2 = torch.randn(2, 4, 7, 6)
+
+
+# --- Forms through Dynamo ---------------------------------------------------------------
+
+@pytest.mark.parametrize("model,tuned", [
+    (Functional("kwargs"), 1),
+    (Functional("three_args"), 1),
+    (Functional("torch_batch_norm"), 1),
+    (seq(nn.Conv2d(4, 6, 3, padding="same"), nn.BatchNorm2d(6)), 1),
+    (seq(nn.Conv2d(4, 6, 3, padding="valid"), nn.BatchNorm2d(6)), 1),
+    (seq(nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect"), nn.BatchNorm2d(6)), 1),
+    (seq(nn.Conv2d(4, 6, 3, padding=2, padding_mode="circular"), nn.BatchNorm2d(6)), 1),
+    (seq(nn.Conv2d(4, 6, 3, padding=1, padding_mode="replicate"), nn.BatchNorm2d(6)), 1),
+    (seq(nn.Conv2d(4, 6, 3, stride=2, dilation=2, padding=2), nn.BatchNorm2d(6)), 1),
+    (seq(nn.Conv2d(4, 4, 3, groups=4, bias=False), nn.BatchNorm2d(4)), 1),  # depthwise
+    (seq(nn.ConvTranspose2d(4, 6, 3, stride=2, output_padding=1, groups=2),
+         nn.BatchNorm2d(6)), 1),
+    (seq(nn.Conv2d(4, 6, 3), nn.SyncBatchNorm(6)), 1),  # eval SyncBatchNorm is plain BN
+    (seq(nn.Conv2d(4, 6, 3), PlainBN(6)), 1),
+    (seq(nn.Conv2d(4, 6, 3), ActBN(6)), 1),  # inlined: BN then silu, both kept
+    (seq(nn.Conv2d(4, 6, 3), nn.BatchNorm2d(6), nn.ReLU(inplace=True)), 1),
+    (TransposeOutputSize(), 1),
+    (CalledTwice(), 1),
+])
+def test_dynamo_forms(model, tuned):
+    _check(model, X2, tuned)
+
+
+# --- Forms through symbolic_trace (module nodes) -----------------------------------------
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fx_module_kinds(kind):
+    model = block(kind, groups=1 if kind == "linear" else 2)
+    _check_fx(model, sample(kind), tuned=1)
+
+
+@pytest.mark.parametrize("model,tuned,skipped", [
+    (seq(nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect"), nn.BatchNorm2d(6)), 1, {}),
+    (seq(nn.Conv2d(4, 6, 3, padding="same", dilation=2), nn.BatchNorm2d(6)), 1, {}),
+    (seq(nn.Conv2d(4, 6, 3), nn.SyncBatchNorm(6)), 1, {}),
+    (seq(nn.Conv2d(4, 6, 3), PlainBN(6)), 1, {}),
+    (seq(nn.Conv2d(4, 6, 3), ActBN(6)), 0, {"custom_forward": 1}),
+    (CalledTwice(), 1, {}),
+    (MultiUser(), 0, {"conv_multi_user": 1}),
+    (TransposeOutputSize(), 0, {"output_size": 1}),
+    (Functional("kwargs"), 1, {}),
+    (Functional("torch_batch_norm"), 1, {}),
+])
+def test_fx_forms(model, tuned, skipped):
+    _check_fx(model, X2, tuned, skipped)
+
+
+@pytest.mark.parametrize("kind", ["conv2d", "conv_transpose2d", "conv1d", "linear"])
+def test_exported_aten_graph(kind):
+    """torch.export graphs hold aten ops (aten.conv2d, aten.batch_norm, …)."""
+    model = block(kind, groups=1 if kind == "linear" else 2).double()
+    x = sample(kind, dtype=torch.float64)
+    gm = torch.export.export(model, (x,)).module()
+    decided = convbn_pass.apply(gm, [x], policy="memory")
+    assert [d.reason for d in decided] == ["tuned"]
+    assert "batch_norm" not in format_graph(gm)
+    errs = errors(Step(gm, x), Step(model, x))
+    assert max(errs.values()) <= TOL, errs
+
+
+# --- Guards: each leaves the block alone, with its reason, and the numbers right --------
+
+def test_guard_bn_training():
+    model = zoo.randomize_bn(block("conv2d")).train()
+    ref = Step(model, X2, dtype=torch.float64)
+    got = Step(model, X2, lambda m: torch.compile(m, backend=backends.light("memory")),
+               dtype=torch.float64)
+    assert _counts() == {"skipped_bn_training": 1}
+    assert max(errors(got, ref).values()) <= TOL
+    for name, buf in ref.model.named_buffers():  # running statistics updated alike
+        torch.testing.assert_close(dict(got.model.named_buffers())[name], buf)
+
+
+@pytest.mark.parametrize("model,x,skipped", [
+    (seq(nn.Conv2d(4, 6, 3), nn.BatchNorm2d(6, track_running_stats=False)), X2,
+     "no_running_stats"),
+    (MultiUser(), X2, "conv_multi_user"),
+    # The built-in PyTorch pass fuses this one and returns wrong values.
+    (Linear3d(), torch.randn(3, 6, 5), "linear_axis"),
+])
+def test_guards_dynamo(model, x, skipped):
+    _check(model, x, tuned=0, skipped={skipped: 1})
+
+
+def test_guard_shape_unknown():
+    """A symbolic_trace graph has no shapes: linear→BN1d cannot be told from the
+    3-D case without example inputs."""
+    _check_fx(block("linear"), sample("linear"), 0, {"shape_unknown": 1}, example=False)
+
+
+def _graph(build) -> fx.GraphModule:
+    """A hand-built graph over a conv→BN module pair's tensors."""
+    root = block("conv2d").double()
+    graph = fx.Graph()
+    build(graph, {n: graph.get_attr(n) for n in
+                  ("0.weight", "0.bias", "1.running_mean", "1.running_var", "1.weight",
+                   "1.bias")})
+    return fx.GraphModule(root, graph)
+
+
+def _reasons(gm: fx.GraphModule) -> list[str]:
+    return [d.reason for d in convbn_pass.apply(gm, policy="memory")]
+
+
+def test_guard_training_not_constant():
+    def build(g, t):
+        x, flag = g.placeholder("x"), g.placeholder("training")
+        y = g.call_function(F.conv2d, (x, t["0.weight"], t["0.bias"]))
+        g.output(g.call_function(F.batch_norm, (y, t["1.running_mean"], t["1.running_var"],
+                                                t["1.weight"], t["1.bias"], flag)))
+    assert _reasons(_graph(build)) == ["training_not_constant"]
+
+
+def test_guard_bn_extra_outputs():
+    def build(g, t):
+        x = g.placeholder("x")
+        y = g.call_function(torch.ops.aten.conv2d.default, (x, t["0.weight"], t["0.bias"]))
+        bn = g.call_function(torch.ops.aten._native_batch_norm_legit_no_training.default,
+                             (y, t["1.weight"], t["1.bias"], t["1.running_mean"],
+                              t["1.running_var"], 0.1, 1e-5))
+        g.output((g.call_function(operator.getitem, (bn, 0)),
+                  g.call_function(operator.getitem, (bn, 1))))
+    assert _reasons(_graph(build)) == ["bn_extra_outputs"]
+
+
+def test_guard_channel_mismatch():
+    """A BN over fewer channels than the conv gives: eager would raise; the rewrite
+    would broadcast silently, so it must not happen."""
+    def build(g, t):
+        x = g.placeholder("x")
+        y = g.call_function(F.conv2d, (x, t["0.weight"], t["0.bias"]))
+        first = g.call_function(operator.getitem, (t["1.running_mean"], slice(0, 1)))
+        g.output(g.call_function(F.batch_norm, (y, first, first)))
+    gm = _graph(build)
+    for node in gm.graph.nodes:  # the shape a traced graph would carry
+        if node.target is operator.getitem:
+            node.meta["example_value"] = torch.empty(1)
+    assert _reasons(gm) == ["channel_mismatch"]
+
+
+def test_apply_guards_module_mode():
+    """apply() read the BN modules' mode when it rewrote: switching one to training
+    mode afterwards raises rather than silently staying in Eval mode."""
+    model = zoo.randomize_bn(block("conv2d"))
+    gm = fx.symbolic_trace(model)
+    convbn_pass.apply(gm, [X2], policy="memory")
+    gm(X2)
+    gm.get_submodule("1").train()
+    with pytest.raises(RuntimeError, match="training mode"):
+        gm(X2)
+
+
+# --- Idempotence ----------------------------------------------------------------------------
+
+def test_idempotent():
+    model = zoo.randomize_bn(zoo.build("resnet_tiny")[0]).eval()
+    x = torch.randn(2, 3, 32, 32)
+    gm = fx.symbolic_trace(model)
+    first = convbn_pass.apply(gm, [x], policy="memory")
+    text = format_graph(gm)
+    second = convbn_pass.apply(gm, [x], policy="memory")
+    assert sum(d.tuned for d in first) == 12
+    assert second == [] and format_graph(gm) == text
+
+
+def test_idempotent_via_dynamo():
+    """The pass run on a graph it already rewrote (e.g. installed twice) does nothing."""
+    seen = []
+    model = zoo.randomize_bn(block("conv2d"))
+
+    def twice(kind, gm):
+        if kind == "pre":
+            seen.append(convbn_pass.rewrite.run(gm.graph, "memory"))
+    torch.compile(model, backend=backends.light("memory", on_graph=twice))(X2)
+    assert seen == [[]]

@@ -1,0 +1,164 @@
+"""Registration with torch.compile: enable/disable/enabled/options, composing with a
+user's pass, cache keys, counters, and mode switches under one compiled function."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+import torch.nn as nn
+from torch._inductor import config as inductor_config
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+import convbn_pass
+from convbn_pass import backends, zoo
+from convbn_pass.records import COUNTER
+from helpers import Step, block, errors, sample
+
+
+class UserPass(CustomGraphPass):
+    """A user's own pre-grad pass: counts the graphs it sees."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        self.calls += 1
+
+    def uuid(self) -> str:
+        return "user-pass-v1"
+
+
+@pytest.fixture
+def user_pass():
+    saved = inductor_config.pre_grad_custom_pass
+    inductor_config.pre_grad_custom_pass = user = UserPass()
+    yield user
+    inductor_config.pre_grad_custom_pass = saved
+
+
+def _tuned() -> int:
+    return torch._dynamo.utils.counters[COUNTER]["tuned"]
+
+
+def _compile_and_run(model: nn.Module, x: torch.Tensor, **kw) -> None:
+    torch.compile(model, **kw)(x).sum().backward()
+
+
+def test_enable_twice_is_harmless():
+    convbn_pass.enable()
+    convbn_pass.enable(policy="memory")
+    current = inductor_config.pre_grad_custom_pass
+    assert isinstance(current, convbn_pass.ConvBNPass)
+    assert current.before == () and current.policy == "memory"
+    convbn_pass.disable()
+    assert inductor_config.pre_grad_custom_pass is None
+
+
+def test_user_pass_keeps_running_and_comes_back(user_pass):
+    convbn_pass.enable(policy="memory")
+    convbn_pass.enable(policy="memory")  # not wrapped twice
+    assert inductor_config.pre_grad_custom_pass.before == (user_pass,)
+    _compile_and_run(block("conv2d"), sample("conv2d"))
+    assert user_pass.calls == 1 and _tuned() == 1
+    convbn_pass.disable()
+    assert inductor_config.pre_grad_custom_pass is user_pass
+
+
+def test_enabled_context_restores(user_pass):
+    with convbn_pass.enabled(policy="memory"):
+        assert convbn_pass.is_enabled()
+        _compile_and_run(block("conv2d"), sample("conv2d"))
+    assert inductor_config.pre_grad_custom_pass is user_pass
+    assert _tuned() == 1
+
+
+def test_options_leave_global_config_alone(user_pass):
+    opts = convbn_pass.options("memory", fx_graph_cache=False)
+    assert inductor_config.pre_grad_custom_pass is user_pass
+    assert opts["pre_grad_custom_pass"].before == (user_pass,)
+    _compile_and_run(block("conv2d"), sample("conv2d"), options=opts)
+    assert user_pass.calls == 1 and _tuned() == 1
+
+
+def test_uuid_keys_the_options():
+    uuids = {convbn_pass.ConvBNPass(p).uuid() for p in convbn_pass.POLICIES}
+    assert len(uuids) == len(convbn_pass.POLICIES)
+    assert convbn_pass.ConvBNPass("auto").uuid() == convbn_pass.ConvBNPass("auto").uuid()
+    # A user pass without uuid() makes the chain uncacheable rather than wrongly cached.
+    assert convbn_pass.ConvBNPass("auto", before=(lambda graph: None,)).uuid() is None
+
+
+def test_unknown_policy_is_one_clear_error():
+    with pytest.raises(ValueError, match="unknown policy 'fast'; choose one of auto"):
+        convbn_pass.options("fast")
+
+
+def test_enable_after_plain_compile_warns():
+    """Dynamo would reuse the plain graph for another instance of the class."""
+    _compile_and_run(block("conv2d"), sample("conv2d"), backend=backends.light(None))
+    with pytest.warns(UserWarning, match=r"options=convbn_pass.options\(\)"):
+        convbn_pass.enable()
+
+
+def test_enable_on_fresh_process_state_does_not_warn(recwarn):
+    convbn_pass.disable()  # records that no graph was compiled while off
+    convbn_pass.enable()
+    assert not [w for w in recwarn if "convbn_pass" in str(w.message)]
+
+
+@pytest.mark.inductor
+def test_model_counts_and_matches_eager_through_inductor(caplog):
+    """A model with N eligible pairs reports N tuned and matches eager Eval mode;
+    the FX graph cache stays on and no 'no uuid' warning is printed."""
+    model = zoo.randomize_bn(zoo.build("resnet_tiny")[0]).eval()
+    x = torch.randn(2, 3, 32, 32)
+    ref = Step(model, x, dtype=torch.float64)
+    with caplog.at_level(logging.WARNING):
+        got = Step(model, x, lambda m: torch.compile(
+            m, options=convbn_pass.options("memory", fx_graph_cache=True)),
+            dtype=torch.float64)
+    assert _tuned() == 12
+    assert not [r for r in caplog.records if "uuid" in r.getMessage()]
+    errs = errors(got, ref)
+    assert max(errs.values()) <= 1e-10, errs
+    assert got.buffers_unchanged()
+
+
+def _mode_switches(compile_fn) -> None:
+    """train → eval → train under one compiled function: eager's outputs, gradients
+    and running statistics every time."""
+    torch.manual_seed(0)
+    model = zoo.randomize_bn(nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 4, 3), nn.BatchNorm2d(4))).double()
+    twin = copy.deepcopy(model)
+    compiled = compile_fn(model)
+    for step, mode in enumerate(["train", "eval", "train"]):
+        model.train(mode == "train")
+        twin.train(mode == "train")
+        x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
+        out, ref = compiled(x), twin(x)
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+        out.square().sum().backward()
+        ref.square().sum().backward()
+        for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=name)
+            p.grad = q.grad = None
+        for (name, b), c in zip(model.named_buffers(), twin.buffers()):
+            torch.testing.assert_close(b, c, rtol=1e-10, atol=1e-12, msg=name)
+    decided = convbn_pass.decisions()
+    assert sum(d.tuned for d in decided) == 2  # the eval compile
+    assert sum(d.reason == "bn_training" for d in decided) >= 2  # the train compile(s)
+
+
+def test_mode_switches_light():
+    _mode_switches(lambda m: torch.compile(m, backend=backends.light("memory")))
+
+
+@pytest.mark.inductor
+def test_mode_switches_inductor():
+    _mode_switches(lambda m: torch.compile(
+        m, options=convbn_pass.options("memory", fx_graph_cache=False)))

@@ -1,7 +1,8 @@
 """Find Conv→BatchNorm candidates in an FX graph, in every form the graph may hold.
 
 A *candidate* is a BatchNorm node whose input is produced by a conv, transposed
-conv or linear node. Each candidate is read into named fields once (no argument
+conv or linear node, or a per-channel affine ``conv(x) * scale + shift`` (what a
+FrozenBatchNorm2d becomes once traced; the same algebra with nothing to train). Each candidate is read into named fields once (no argument
 indices past this module) and carries either ``reject=None`` (it may be
 rewritten) or a stable reject key with a sentence saying why not.
 
@@ -146,7 +147,10 @@ class ConvSite:
 
 @dataclasses.dataclass
 class BNSite:
-    node: fx.Node
+    """The normalisation after the conv: a BatchNorm, or a per-channel affine
+    ``y * scale + shift`` (FrozenBatchNorm2d and the like)."""
+
+    node: fx.Node            # the node that consumes the conv output
     running_mean: TensorArg
     running_var: TensorArg
     weight: TensorArg
@@ -155,8 +159,16 @@ class BNSite:
     eps: float
     module: nn.Module | None = None
     module_path: str | None = None
-    # aten's _native_batch_norm_legit_no_training returns a tuple: its getitem(0).
+    # The node whose value the block yields, when not ``node`` itself: aten's
+    # _native_batch_norm_legit_no_training's getitem(0), or the affine's add.
     output: fx.Node | None = None
+    kind: str = "batch_norm"  # or "affine"
+    scale: TensorArg = None   # affine: per-channel tensors, broadcastable to the output
+    shift: TensorArg = None
+
+    @property
+    def last(self) -> fx.Node:
+        return self.output if self.output is not None else self.node
 
 
 @dataclasses.dataclass
@@ -170,6 +182,8 @@ class Candidate:
     weight_numel: int | None     # elements of W
     activation_numel: int | None  # elements of the conv output (this batch)
     out_channels: int | None
+    norm: str = "batch_norm"  # what follows the conv: "batch_norm" or "affine"
+    out_dtype: torch.dtype | None = None  # the conv output's dtype, where recorded
 
     @property
     def op(self) -> str:
@@ -218,6 +232,15 @@ def _shape(arg: Any, gm: torch.nn.Module | None) -> tuple[Any, ...] | None:
     if arg.op == "get_attr":
         return _shape(str(arg.target), gm)
     return None
+
+
+def _dtype(node: fx.Node) -> torch.dtype | None:
+    for key in ("example_value", "val"):
+        value = node.meta.get(key)
+        if isinstance(value, torch.Tensor):
+            return value.dtype
+    tensor_meta = node.meta.get("tensor_meta")
+    return getattr(tensor_meta, "dtype", None)
 
 
 def _hint(size: Any) -> int | None:
@@ -303,6 +326,55 @@ def _read_bn(node: fx.Node, gm: torch.nn.Module | None) -> BNSite | str | None:
                   attr("bias"), module.training, module.eps, module, path)
 
 
+_MUL = (operator.mul, torch.mul, aten.mul.Tensor, "mul")
+_ADD = (operator.add, torch.add, aten.add.Tensor, "add")
+
+
+def _is(node: fx.Node, ops: tuple[Any, ...]) -> bool:
+    if node.op == "call_method":
+        return node.target in ops
+    return node.op == "call_function" and node.target in ops and "alpha" not in node.kwargs
+
+
+def _per_channel(arg: Any, out_shape: tuple[Any, ...], axis: int,
+                 gm: torch.nn.Module | None) -> bool:
+    """Whether ``arg`` is a tensor that varies only along ``axis`` of the output:
+    shape ``[1, C, 1, 1]`` or ``[C, 1, 1]`` for a conv, ``[C]`` for a linear."""
+    shape = _shape(arg, gm)
+    if shape is None or len(shape) > len(out_shape) or not isinstance(arg, (fx.Node, str)):
+        return False
+    dims = [1] * (len(out_shape) - len(shape)) + list(shape)
+    axis %= len(out_shape)
+    return all(isinstance(d, int) and d == (out_shape[axis] if i == axis else 1)
+               for i, d in enumerate(dims))
+
+
+def _read_affine(node: fx.Node, gm: torch.nn.Module | None
+                 ) -> tuple[fx.Node, BNSite] | None:
+    """``conv * scale (+ shift)`` with per-channel scale and shift: the form
+    torchvision's and detectron2's FrozenBatchNorm2d take once traced. Returns
+    (conv node, site), or None."""
+    if not _is(node, _MUL) or len(node.args) != 2:
+        return None
+    for source, scale in (node.args, node.args[::-1]):
+        if isinstance(source, fx.Node) and isinstance(_read_conv(source, gm), ConvSite):
+            break
+    else:
+        return None
+    out_shape = _shape(source, gm)
+    axis = -1 if _read_conv(source, gm).op == "linear" else 1  # type: ignore[union-attr]
+    if out_shape is None or not _per_channel(scale, out_shape, axis, gm):
+        return None
+    site = BNSite(node, None, None, None, None, False, 0.0, kind="affine", scale=scale)
+    users = list(node.users)
+    if len(users) == 1 and _is(users[0], _ADD) and len(users[0].args) == 2:
+        add = users[0]
+        shift = add.args[1] if add.args[0] is node else add.args[0]
+        if shift is not node and _per_channel(shift, out_shape, axis, gm):
+            site.output, site.shift = add, shift
+    return source, site
+
+
 def _read_conv(node: fx.Node, gm: torch.nn.Module | None) -> ConvSite | str | None:
     """A ConvSite, None if ``node`` is not a conv/linear, or a reject key."""
     if node.op == "call_function":
@@ -357,6 +429,11 @@ def _out_channels(conv: ConvSite, gm: torch.nn.Module | None) -> int | None:
 def _check(conv: ConvSite, bn: BNSite, gm: torch.nn.Module | None,
            out_shape: tuple[Any, ...] | None) -> tuple[str | None, str]:
     """(None, "") if the pair may be rewritten, else (reject key, sentence)."""
+    if bn.kind == "affine":  # _read_affine checked the shapes already
+        other = [u.name for u in conv.node.users if u is not bn.node]
+        if other:
+            return "conv_multi_user", f"{REASONS['conv_multi_user']} ({', '.join(other)})"
+        return None, ""
     if bn.running_mean is None or bn.running_var is None:
         return "no_running_stats", REASONS["no_running_stats"]
     if isinstance(bn.training, fx.Node):
@@ -389,10 +466,13 @@ def find_candidates(graph: fx.Graph) -> list[Candidate]:
     gm = _owning_module(graph)
     found: list[Candidate] = []
     for node in graph.nodes:
-        bn = _read_bn(node, gm)
-        if bn is None:
+        bn: BNSite | str | None = _read_bn(node, gm)
+        if bn is not None:
+            source = node.args[0] if node.args else node.kwargs.get("input")
+        elif (affine := _read_affine(node, gm)) is not None:
+            source, bn = affine
+        else:
             continue
-        source = node.args[0] if node.args else node.kwargs.get("input")
         if not isinstance(source, fx.Node):
             continue
         conv = _read_conv(source, gm)
@@ -411,6 +491,8 @@ def find_candidates(graph: fx.Graph) -> list[Candidate]:
             weight_numel=_numel(_shape(conv.weight, gm)),
             activation_numel=_numel(out_shape),
             out_channels=_out_channels(conv, gm),
+            norm=bn.kind,
+            out_dtype=_dtype(source),
         ))
     return found
 

@@ -29,6 +29,7 @@ class Decision:
     detail: str                 # one sentence for people
     weight_numel: int | None    # elements of the conv weight
     activation_numel: int | None  # elements of the conv output, for the traced batch
+    norm: str = "batch_norm"    # what follows the conv: "batch_norm", or "affine" (frozen BN)
 
     @property
     def tuned(self) -> bool:

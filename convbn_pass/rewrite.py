@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 # checkpoint regions works, the partitioner compares them only along edges
 # between two tagged nodes and the W′ nodes of different blocks never touch.
 _AC_GRAPH_ID = 1_000_003
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def _materialise(graph: fx.Graph, arg: TensorArg) -> fx.Node | None:
@@ -60,7 +62,7 @@ def _set_arg(node: fx.Node, params: tuple[str, ...], name: str, value: Any) -> N
 
 
 def _module_conv(graph: fx.Graph, cand: Candidate, weight: fx.Node,
-                 bias: fx.Node) -> fx.Node:
+                 bias: fx.Node | None) -> fx.Node:
     """The functional call that replaces a conv/linear module node."""
     conv = cand.conv
     module, functional = conv.module, conv.functional
@@ -92,28 +94,44 @@ def rewrite_candidate(graph: fx.Graph, cand: Candidate, action: Action) -> fx.No
     # traces create a BN's get_attr nodes after the conv), so the new nodes go
     # just before the BN, and a functional conv moves down behind them: its only
     # user is the BN, so nothing in between needs it.
-    with graph.inserting_before(bn.node):
+    with graph.inserting_before(bn.last):
         # Step (1): the parameters and statistics as nodes.
         w = _materialise(graph, conv.weight)
         b = _materialise(graph, conv.bias)
-        mean = _materialise(graph, bn.running_mean)
-        var = _materialise(graph, bn.running_var)
-        gamma = _materialise(graph, bn.weight)
-        beta = _materialise(graph, bn.bias)
         # Step (2): c, W′, b′ (tune.py holds the math).
-        scale = graph.call_function(tune.bn_scale, (var, gamma, bn.eps))
+        if bn.kind == "affine":  # y·scale + shift: c = scale, b′ = b·c + shift
+            scale = graph.call_function(tune.channel_scale, (bn.scale,))
+            mean, beta = None, bn.shift
+        else:
+            mean = _materialise(graph, bn.running_mean)
+            var = _materialise(graph, bn.running_var)
+            gamma = _materialise(graph, bn.weight)
+            beta = _materialise(graph, bn.bias)
+            scale = graph.call_function(tune.bn_scale, (var, gamma, bn.eps))
         kwargs = {"transposed": True, "groups": conv.groups} if conv.transposed else {}
         weight = graph.call_function(tune.scale_weight, (w, scale), kwargs)
-        bias = graph.call_function(tune.fuse_bias, (b, mean, scale, beta, w))
-        new_nodes = (scale, weight, bias)
-        # Step (3): the conv itself, now with W′ and b′.
+        if b is None and mean is None and beta is None:  # b′ = 0: the conv keeps no bias
+            bias, new_nodes = None, (scale, weight)
+        else:
+            bias = graph.call_function(tune.fuse_bias, (b, mean, scale, beta, w))
+            new_nodes = (scale, weight, bias)
+        # Step (3): the conv itself, now with W′ and b′. A half-precision conv
+        # would round b′ (and the gradient of b′, hence of β and γ) to its
+        # dtype, where BatchNorm keeps them in float32: there b′ is added after
+        # the conv, in float32, and the sum cast back.
+        split_bias = bias is not None and cand.out_dtype in _HALF
+        conv_bias = None if split_bias else bias
         if conv.module is None:
-            bn.node.prepend(conv.node)
+            bn.last.prepend(conv.node)
             _set_arg(conv.node, conv.params, "weight", weight)
-            _set_arg(conv.node, conv.params, "bias", bias)
+            _set_arg(conv.node, conv.params, "bias", conv_bias)
             out = conv.node
         else:
-            out = _module_conv(graph, cand, weight, bias)
+            out = _module_conv(graph, cand, weight, conv_bias)
+            out.meta.update(conv.node.meta)
+        if split_bias:
+            axis = {"axis": -1} if conv.op == "linear" else {}
+            out = graph.call_function(tune.add_channel_bias, (out, bias), axis)
             out.meta.update(conv.node.meta)
     for node in new_nodes:
         node.meta["nn_module_stack"] = bn.node.meta.get("nn_module_stack", {})
@@ -121,12 +139,11 @@ def rewrite_candidate(graph: fx.Graph, cand: Candidate, action: Action) -> fx.No
             node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
             node.meta["ac_graph_id"] = _AC_GRAPH_ID
     # Step (4): the BatchNorm's users read the conv; the BatchNorm goes.
-    bn_output = bn.output if bn.output is not None else bn.node
-    bn_output.replace_all_uses_with(out)
+    bn.last.replace_all_uses_with(out)
     if bn.output is not None:
         graph.erase_node(bn.output)
     graph.erase_node(bn.node)
-    if out is not conv.node:
+    if conv.node not in (out, *out.args):
         graph.erase_node(conv.node)
     return out
 
@@ -149,7 +166,8 @@ def run(graph: fx.Graph, policy: str = "auto") -> list[Decision]:
                 rewrite_candidate(graph, cand, choice.action)
                 action, reason, detail = choice.action.value, "tuned", choice.detail
         decision = Decision(graph_id, cand.conv_path, cand.bn_path, cand.op, action,
-                            reason, detail, cand.weight_numel, cand.activation_numel)
+                            reason, detail, cand.weight_numel, cand.activation_numel,
+                            cand.norm)
         record(decision)
         decisions.append(decision)
     if any(d.tuned for d in decisions):

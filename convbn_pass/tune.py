@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["bn_scale", "scale_weight", "fuse_bias"]
+__all__ = ["bn_scale", "channel_scale", "scale_weight", "fuse_bias", "add_channel_bias"]
 
 
 def _compute_dtype(t: Tensor) -> torch.dtype:
@@ -41,6 +41,12 @@ def bn_scale(running_var: Tensor, bn_weight: Tensor | None, eps: float) -> Tenso
     if bn_weight is not None:
         c = c * bn_weight.to(c.dtype)
     return c
+
+
+def channel_scale(scale: Tensor) -> Tensor:
+    """A per-channel multiplier (``[1, C, 1, 1]``, ``[C, 1, 1]`` or ``[C]``) as ``c``,
+    shape ``[C_out]``: a frozen BatchNorm computed as ``y * scale + shift``."""
+    return scale.reshape(-1).to(_compute_dtype(scale))
 
 
 def scale_weight(
@@ -70,16 +76,39 @@ def scale_weight(
 
 def fuse_bias(
     conv_bias: Tensor | None,
-    running_mean: Tensor,
+    running_mean: Tensor | None,
     scale: Tensor,
     bn_bias: Tensor | None,
     like: Tensor,
 ) -> Tensor:
-    """``b′ = β + (b − μ̂) · c``, shape ``[C_out]``, in the dtype of ``like`` (the weight)."""
-    centred = -running_mean.to(scale.dtype)  # b = 0 when the conv has no bias
+    """``b′ = β + (b − μ̂) · c``, shape ``[C_out]``, in the dtype of ``like`` (the weight).
+
+    ``b = 0`` when the conv has no bias, ``μ̂ = 0`` for a per-channel affine (whose
+    shift ``β`` may come shaped ``[1, C, 1, 1]``)."""
+    # Built from the terms present only: a constant such as zeros_like would be
+    # folded by Inductor's joint-graph passes into nodes that lose the recompute tag.
+    out: Tensor | None = None
     if conv_bias is not None:
-        centred = centred + conv_bias.to(scale.dtype)
-    out = centred * scale
+        out = conv_bias.to(scale.dtype)
+    if running_mean is not None:
+        mean = running_mean.to(scale.dtype)
+        out = -mean if out is None else out - mean
+    if out is not None:
+        out = out * scale
     if bn_bias is not None:
-        out = out + bn_bias.to(scale.dtype)
+        shift = bn_bias.reshape(-1).to(scale.dtype)
+        out = shift if out is None else out + shift
+    if out is None:
+        raise ValueError("fuse_bias: no term (conv bias, mean or shift); the conv needs no bias")
     return out.to(like.dtype)
+
+
+def add_channel_bias(y: Tensor, bias: Tensor, axis: int = 1) -> Tensor:
+    """``y + b′`` on the channel axis, computed in ``b′``'s dtype and cast back to ``y``'s.
+
+    Used instead of the conv's own bias when the conv runs in half precision: the
+    sum and the gradient of ``b′`` (``Σ dy``) then stay in float32, as BatchNorm's do.
+    """
+    shape = [1] * y.dim()
+    shape[axis] = -1
+    return (y + bias.reshape(shape)).to(y.dtype)

@@ -1,0 +1,357 @@
+"""``python -m convbn_pass.inspect``, called in-process through ``main(argv)``.
+
+Most runs use the light backend (the default) on tiny inputs; one runs through
+Inductor. Goldens hold only deterministic figures (decisions, bytes); timings go
+to stderr and to the JSON's ``timings_s``, never into a golden. Refresh the
+goldens with ``EXPECTTEST_ACCEPT=1 python -m pytest tests/test_inspect.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+import sys
+import types
+from typing import Any, Iterator
+
+import expecttest
+import pytest
+import torch
+import torch.nn as nn
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+import convbn_pass
+from convbn_pass import inspect as cli
+from convbn_pass import zoo
+
+# resnet_tiny (12 conv-BN pairs) at its own input, batch 4 at 32x32: a few seconds a compile.
+TINY = ["resnet_tiny", "--quiet"]
+MODELS = "inspect_test_models"  # a module the tests put in sys.modules
+
+
+def _block() -> nn.Module:
+    # Two conv-BN pairs, both tuned under every policy at 8x8.
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4),
+                         nn.ReLU(), nn.Conv2d(4, 2, 1), nn.BatchNorm2d(2))
+
+
+def _no_bn() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+
+
+def _broken() -> nn.Module:
+    raise ValueError("no weights for this one")
+
+
+@contextlib.contextmanager
+def _modules(**replace: Any) -> Iterator[None]:
+    """Put entries in sys.modules and take only those out again (patch.dict would also
+    drop every module imported meanwhile, and Dynamo's registries break on re-import)."""
+    saved = {name: sys.modules.get(name) for name in replace}
+    sys.modules.update(replace)
+    try:
+        yield
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+
+
+def _test_models() -> contextlib.AbstractContextManager[None]:
+    module = types.ModuleType(MODELS)
+    module.block, module.no_bn, module.broken = _block, _no_bn, _broken  # type: ignore[attr-defined]
+    module.not_a_model = lambda: 42  # type: ignore[attr-defined]
+    return _modules(**{MODELS: module})
+
+
+@pytest.fixture(autouse=True)
+def fake_models() -> Iterator[None]:
+    with _test_models():
+        yield
+
+
+def _run(*argv: str) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of ``main(argv)``."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = cli.main(list(argv))
+    return status, out.getvalue(), err.getvalue()
+
+
+def _ascii(text: str) -> str:
+    """expecttest writes only printable ASCII into goldens: the report's arrow and
+    prime as ASCII (the arrow itself is checked apart)."""
+    return text.replace("→", "->").replace("′", "'")
+
+
+def _json(*argv: str) -> dict[str, Any]:
+    status, out, _ = _run(*argv, "--format", "json")
+    assert status == 0
+    return json.loads(out)
+
+
+# ---------------------------------------------------------------------------
+# Goldens.
+# ---------------------------------------------------------------------------
+
+class TestGolden(expecttest.TestCase):
+    def test_text_report(self) -> None:
+        status, out, err = _run(*TINY[:-1])  # with progress, which goes to stderr only
+        self.assertEqual(status, 0, err)
+        self.assertIn("compiling without the pass", err)
+        self.assertIn("measuring activation memory with the pass", err)
+        self.assertIn("  conv1 → bn1  ", out)
+        self.assertExpectedInline(_ascii(out), """\
+convbn_pass.inspect: resnet_tiny: ResNet-18 layout at width 8, one block a stage (tests)
+input     [4, 3, 32, 32] float32 on cpu, static shapes, BatchNorm in eval mode
+policy    auto: tune where the conv output outweighs the weight, else keep Eval mode
+backend   light: convbn_pass.backends.light: the pass, then AOTAutograd with Inductor's partitioner, no code generation
+compiles  two, each with its own options, caches off: without the pass 1 graph, with the pass 1 graph
+
+Candidate pairs: 12
+  #   conv -> bn                                      op      decision  reason       detail
+  1   conv1 -> bn1                                    conv2d  tune      tuned        activation 8,192 >= weight 1,176 elements
+  2   layer1.0.conv1 -> layer1.0.bn1                  conv2d  tune      tuned        activation 2,048 >= weight 576 elements
+  3   layer1.0.conv2 -> layer1.0.bn2                  conv2d  tune      tuned        activation 2,048 >= weight 576 elements
+  4   layer2.0.downsample.0 -> layer2.0.downsample.1  conv2d  tune      tuned        activation 1,024 >= weight 128 elements
+  5   layer2.0.conv1 -> layer2.0.bn1                  conv2d  skip      policy_eval  the policy keeps this block in Eval mode: activation 1,024 < weight 1,152 elements: rebuilding W' would cost more than the BatchNorm it replaces
+  6   layer2.0.conv2 -> layer2.0.bn2                  conv2d  skip      policy_eval  the policy keeps this block in Eval mode: activation 1,024 < weight 2,304 elements: rebuilding W' would cost more than the BatchNorm it replaces
+  7   layer3.0.downsample.0 -> layer3.0.downsample.1  conv2d  tune      tuned        activation 512 >= weight 512 elements
+  8   layer3.0.conv1 -> layer3.0.bn1                  conv2d  skip      policy_eval  the policy keeps this block in Eval mode: activation 512 < weight 4,608 elements: rebuilding W' would cost more than the BatchNorm it replaces
+  9   layer3.0.conv2 -> layer3.0.bn2                  conv2d  skip      policy_eval  the policy keeps this block in Eval mode: activation 512 < weight 9,216 elements: rebuilding W' would cost more than the BatchNorm it replaces
+  10  layer4.0.downsample.0 -> layer4.0.downsample.1  conv2d  skip      policy_eval  the policy keeps this block in Eval mode: activation 256 < weight 2,048 elements: rebuilding W' would cost more than the BatchNorm it replaces
+  11  layer4.0.conv1 -> layer4.0.bn1                  conv2d  skip      policy_eval  the policy keeps this block in Eval mode: activation 256 < weight 18,432 elements: rebuilding W' would cost more than the BatchNorm it replaces
+  12  layer4.0.conv2 -> layer4.0.bn2                  conv2d  skip      policy_eval  the policy keeps this block in Eval mode: activation 256 < weight 36,864 elements: rebuilding W' would cost more than the BatchNorm it replaces
+
+totals    12 candidates: 5 tuned (5 rebuild W' in backward, 0 keep W'), 7 skipped (policy_eval 7)
+counters  torch._dynamo.utils.counters["convbn_pass"]: skipped_policy_eval=7, tuned=5
+
+Activation memory saved for backward, one forward/backward step, light backend:
+  without the pass  159,744 bytes  (159.7 kB)
+  with the pass     104,448 bytes  (104.4 kB)
+  saved              55,296 bytes  (55.3 kB, 34.6%)
+""")
+
+    def test_graphs_before_and_after(self) -> None:
+        with _test_models():
+            status, out, _ = _run(f"{MODELS}:block", "--shape", "3,8,8", "--batch", "2",
+                                  "--graphs", "both", "--quiet")
+        self.assertEqual(status, 0)
+        self.assertExpectedInline(_ascii(out), """\
+convbn_pass.inspect: inspect_test_models:block: Sequential from inspect_test_models:block()
+input     [2, 3, 8, 8] float32 on cpu, static shapes, BatchNorm in eval mode
+policy    auto: tune where the conv output outweighs the weight, else keep Eval mode
+backend   light: convbn_pass.backends.light: the pass, then AOTAutograd with Inductor's partitioner, no code generation
+compiles  two, each with its own options, caches off: without the pass 1 graph, with the pass 1 graph
+
+Candidate pairs: 2
+  #  conv -> bn  op      decision  reason  detail
+  1  0 -> 1      conv2d  tune      tuned   activation 512 >= weight 108 elements
+  2  3 -> 4      conv2d  tune      tuned   activation 256 >= weight 8 elements
+
+totals    2 candidates: 2 tuned (2 rebuild W' in backward, 0 keep W'), 0 skipped
+counters  torch._dynamo.utils.counters["convbn_pass"]: tuned=2
+
+Activation memory saved for backward, one forward/backward step, light backend:
+  without the pass  5,120 bytes  (5.1 kB)
+  with the pass     2,048 bytes  (2.0 kB)
+  saved             3,072 bytes  (3.1 kB, 60.0%)
+
+Graph 1 of 1, before the pass:
+def forward(0.weight, args_0, 1.running_mean, 1.running_var, 1.weight, 1.bias, 3.weight, 3.bias, 4.running_mean, 4.running_var, 4.weight, 4.bias):
+    input_1 = torch.conv2d(args_0, 0.weight, None, (1, 1), (1, 1), (1, 1), 1)
+    input_2 = F.batch_norm(input_1, 1.running_mean, 1.running_var, 1.weight, 1.bias, False, 0.1, 1e-05)
+    input_3 = F.relu(input_2, inplace=False)
+    input_4 = torch.conv2d(input_3, 3.weight, 3.bias, (1, 1), (0, 0), (1, 1), 1)
+    input_5 = F.batch_norm(input_4, 4.running_mean, 4.running_var, 4.weight, 4.bias, False, 0.1, 1e-05)
+    return (input_5,)
+
+Graph 1 of 1, after the pass:
+def forward(0.weight, args_0, 1.running_mean, 1.running_var, 1.weight, 1.bias, 3.weight, 3.bias, 4.running_mean, 4.running_var, 4.weight, 4.bias):
+    bn_scale = tune.bn_scale(1.running_var, 1.weight, 1e-05)  # recompute
+    scale_weight = tune.scale_weight(0.weight, bn_scale)  # recompute
+    fuse_bias = tune.fuse_bias(None, 1.running_mean, bn_scale, 1.bias, 0.weight)  # recompute
+    input_1 = torch.conv2d(args_0, scale_weight, fuse_bias, (1, 1), (1, 1), (1, 1), 1)
+    input_3 = F.relu(input_1, inplace=False)
+    bn_scale_1 = tune.bn_scale(4.running_var, 4.weight, 1e-05)  # recompute
+    scale_weight_1 = tune.scale_weight(3.weight, bn_scale_1)  # recompute
+    fuse_bias_1 = tune.fuse_bias(3.bias, 4.running_mean, bn_scale_1, 4.bias, 3.weight)  # recompute
+    input_4 = torch.conv2d(input_3, scale_weight_1, fuse_bias_1, (1, 1), (0, 0), (1, 1), 1)
+    return (input_4,)
+""")
+
+
+# ---------------------------------------------------------------------------
+# What the report carries.
+# ---------------------------------------------------------------------------
+
+_TOP_LEVEL = {"schema_version", "model", "input", "policy", "backend", "compiles", "pairs",
+              "totals", "counters", "memory", "graphs", "timings_s", "versions"}
+_PAIR = {"graph", "conv", "bn", "op", "action", "reason", "detail", "weight_numel",
+         "activation_numel"}
+
+
+def test_json_fields_are_the_compilers_records() -> None:
+    report = _json(*TINY, "--graphs", "after")
+    assert report["schema_version"] == cli.SCHEMA_VERSION == 1
+    assert set(report) == _TOP_LEVEL
+    assert report["model"] == {"spec": "resnet_tiny", "source": "zoo",
+                               "about": zoo.MODELS["resnet_tiny"].about}
+    assert report["input"] == {"shape": [4, 3, 32, 32], "dtype": "float32", "device": "cpu",
+                               "dynamic": False, "bn_mode": "eval"}
+    assert report["policy"]["name"] == "auto" and report["backend"] == "light"
+    # The rows are the decision records the pass wrote, and the counters count them.
+    recorded = convbn_pass.decisions()
+    assert [(p["conv"], p["bn"], p["op"], p["action"], p["reason"], p["detail"])
+            for p in report["pairs"]] == [(d.conv, d.bn, d.op, d.action, d.reason, d.detail)
+                                          for d in recorded]
+    assert all(set(p) == _PAIR for p in report["pairs"])
+    assert report["pairs"][0]["conv"] == "conv1" and report["pairs"][0]["bn"] == "bn1"
+    assert report["counters"] == dict(torch._dynamo.utils.counters["convbn_pass"])
+    totals = report["totals"]
+    assert totals["candidates"] == len(report["pairs"]) == 12
+    assert totals["tuned"] + totals["skipped"] == 12
+    assert totals["tuned"] == report["counters"]["tuned"] > 0
+    assert sum(totals["skipped_by_reason"].values()) == totals["skipped"]
+    # Two compiles: the baseline kept more than the rewritten graph.
+    mem = report["memory"]
+    assert mem["backend"] == "light"
+    assert mem["with_pass_bytes"] < mem["without_pass_bytes"]
+    assert mem["saved_bytes"] == mem["without_pass_bytes"] - mem["with_pass_bytes"]
+    assert mem["saved_fraction"] == pytest.approx(mem["saved_bytes"] / mem["without_pass_bytes"])
+    assert report["compiles"] == {"without_pass_graphs": 1, "with_pass_graphs": 1,
+                                  "discarded_graphs": 0, "caches": "off"}
+    assert report["graphs"]["before"] is None
+    [after] = report["graphs"]["after"]
+    assert after.count("# recompute") == 3 * totals["tuned"]
+    assert set(report["timings_s"]) == {"compile_without_pass", "measure_without_pass",
+                                        "compile_with_pass", "measure_with_pass"}
+
+
+def test_train_mode_tunes_nothing_and_says_why() -> None:
+    status, out, _ = _run(*TINY, "--train")
+    assert status == 0
+    rows = [line for line in out.splitlines() if re.match(r"  \d+ ", line)]
+    assert len(rows) == 12
+    assert all(" skip " in row and "bn_training" in row for row in rows)
+    assert "BatchNorm runs in training mode" in rows[0]
+    assert "BatchNorm in training mode" in out
+    assert "12 candidates: 0 tuned" in out
+    assert 'counters["convbn_pass"]: skipped_bn_training=12' in out
+    assert not any(d.tuned for d in convbn_pass.decisions())
+
+
+def test_no_candidate_pairs_is_not_an_error() -> None:
+    status, out, _ = _run(f"{MODELS}:no_bn", "--shape", "4", "--batch", "2", "--quiet")
+    assert status == 0
+    assert "nothing to tune" in out
+    assert convbn_pass.decisions() == []
+
+
+def test_dynamic_shapes() -> None:
+    report = _json(f"{MODELS}:block", "--shape", "3,8,8", "--batch", "2", "--dynamic",
+                   "--policy", "memory", "--quiet")
+    assert report["input"]["dynamic"] is True
+    assert [p["action"] for p in report["pairs"]] == ["tune", "tune"]
+
+
+def test_out_writes_the_report_and_graphs(tmp_path: Any) -> None:
+    out_dir = tmp_path / "nested" / "report"
+    status, out, _ = _run(f"{MODELS}:block", "--shape", "3,8,8", "--batch", "2", "--quiet",
+                          "--format", "json", "--out", str(out_dir))
+    assert status == 0
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(cli._OUT_FILES)
+    report = json.loads((out_dir / "report.json").read_text())
+    assert report == json.loads(out)
+    text = (out_dir / "report.txt").read_text()
+    assert text.startswith(f"convbn_pass.inspect: {MODELS}:block: Sequential")
+    assert "2 candidates: 2 tuned" in text
+    before = (out_dir / "graph_before.txt").read_text()
+    after = (out_dir / "graph_after.txt").read_text()
+    assert before.startswith("# graph 1 of 1, before the pass\ndef forward(")
+    assert before.count("F.batch_norm(") == 2 and "# recompute" not in before
+    assert after.count("F.batch_norm(") == 0 and after.count("# recompute") == 6
+
+
+def test_list_prints_a_line_per_model() -> None:
+    status, out, err = _run("--list")
+    assert status == 0 and err == ""
+    lines = out.splitlines()
+    assert [line.split()[0] for line in lines] == list(zoo.MODELS)
+
+
+@pytest.mark.inductor
+def test_inductor_backend_with_a_user_pass_and_the_pass_enabled_globally() -> None:
+    # The baseline must run the user's own pre-grad pass but not convbn_pass, even
+    # when convbn_pass is enabled globally; the second compile runs both.
+    seen: list[int] = []
+
+    class UserPass(CustomGraphPass):
+        def __call__(self, graph: torch.fx.Graph) -> None:
+            seen.append(len(graph.nodes))
+
+        def uuid(self) -> Any:
+            return "user-pass"
+
+    with torch._inductor.config.patch(pre_grad_custom_pass=UserPass()):
+        convbn_pass.enable()
+        try:
+            report = _json(f"{MODELS}:block", "--shape", "3,8,8", "--batch", "2",
+                           "--backend", "inductor", "--quiet")
+        finally:
+            convbn_pass.disable()
+    assert len(seen) == 2
+    assert report["memory"]["backend"] == "inductor"
+    assert report["totals"]["tuned"] == 2 == len(convbn_pass.decisions())
+    assert report["memory"]["with_pass_bytes"] < report["memory"]["without_pass_bytes"]
+
+
+def test_a_baseline_that_ran_the_pass_is_refused() -> None:
+    decision = convbn_pass.Decision(1, "conv", "bn", "conv2d", "tune", "tuned", "", 1, 1)
+    baseline = cli._Run([], [decision], {"tuned": 1}, 0, 0.0, 0.0)
+    tuned = cli._Run([], [], {}, 0, 0.0, 0.0)
+    with pytest.raises(cli._Failure, match="the pass ran in it"):
+        cli._check_distinct(baseline, tuned)
+
+
+# ---------------------------------------------------------------------------
+# Bad input: one line on stderr, exit status 2, no traceback.
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, message", [
+    (["nope"], "unknown model 'nope'; choose one of resnet18, "),
+    (["torchvision:resnet18"], "'torchvision:resnet18' needs torchvision, which does not"),
+    (["timm:resnet50"], "'timm:resnet50' needs timm, which does not import here"),
+    (["no_such_package_xyz.models:build"], "cannot import 'no_such_package_xyz.models'"),
+    ([f"{MODELS}:missing"], f"'{MODELS}' has no attribute 'missing'"),
+    ([f"{MODELS}:broken"], "failed: ValueError: no weights for this one"),
+    ([f"{MODELS}:not_a_model"], "returned int, not a torch.nn.Module"),
+    (["resnet_tiny", "--shape", "5,16,16"], "rejects an input of shape [4, 5, 16, 16]"),
+    (["resnet_tiny", "--shape", "3,x"], "argument --shape: '3,x' is not a shape"),
+    (["resnet_tiny", "--batch", "0"], "argument --batch: '0' is not a positive integer"),
+    (["resnet_tiny", "--policy", "bogus"], "invalid choice: 'bogus' (choose from 'auto'"),
+    (["resnet_tiny", "--device", "nonsense"], "unknown device 'nonsense'"),
+    (["resnet_tiny", "--device", "cuda:99"], "device 'cuda:99'"),
+    (["resnet_tiny", "--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_bad_input(argv: list[str], message: str) -> None:
+    # torchvision and timm do not import, whether or not they are installed.
+    with _modules(torchvision=None, timm=None):
+        status, out, err = _run(*argv, "--quiet")
+    assert status == 2
+    assert out == ""
+    assert err.count("\n") == 1, err
+    assert err.startswith("convbn_pass.inspect: error: ")
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_debug_adds_the_traceback() -> None:
+    status, _, err = _run("nope", "--quiet", "--debug")
+    assert status == 2
+    assert "Traceback" in err
+    assert err.splitlines()[-1].startswith("convbn_pass.inspect: error: unknown model")

@@ -8,23 +8,24 @@
     python -m convbn_pass.inspect mypkg.models:build --shape 3,224,224 --batch 16
     python -m convbn_pass.inspect torchvision:resnet50 --backend inductor --out report/
 
-The model is compiled twice, each compile with its own options and every
-compile cache off: once without the pass (the baseline) and once with it. Both
-run one forward/backward step, and the activation bytes each keeps for backward
-are measured with :func:`convbn_pass.memory.saved_activation_bytes`. The table
-lists the decision records the pass itself wrote during the second compile
+The model is compiled twice: once without the pass (the baseline) and once
+with it, each compile with its own options, with Inductor's FX graph cache and
+AOTAutograd's cache off and ``torch._dynamo.reset()`` before it. Each runs one
+forward/backward step, and the activation bytes it keeps for backward are
+measured with :func:`convbn_pass.memory.saved_activation_bytes`. The table lists
+the decision records the pass itself wrote during the second compile
 (:func:`convbn_pass.decisions`, counted in
-``torch._dynamo.utils.counters["convbn_pass"]``), so what is printed is what
-the compiler did. The run fails if the two figures did not come from two
+``torch._dynamo.utils.counters["convbn_pass"]``), so what is printed is what the
+compiler did. The run fails if the two figures did not come from two such
 compiles (the baseline ran the pass, or the second compile did not).
 
 ``--backend light`` (the default) is :func:`convbn_pass.backends.light`: the
-same pass on the same Dynamo graph, then AOTAutograd with Inductor's
-partitioner, without code generation; ``--backend inductor`` is
-``torch.compile``'s default backend with the pass in its options, several
-times slower to compile. The two partition alike but Inductor's generated code
-can keep different buffers, so the byte figures differ between backends; the
-report names the one that produced them.
+same pass on the same Dynamo graph, then AOTAutograd with Inductor's min-cut
+partitioner, without code generation. ``--backend inductor`` is
+``torch.compile``'s default backend with the pass in its options, slower to
+compile (the README gives measured times). Inductor decomposes operators before
+partitioning and light does not, so the two can keep different tensors and
+their byte figures differ; the report names the backend that produced them.
 
 Progress goes to stderr; stdout carries only the report. Exit status: 0 on
 success (a model without candidate pairs included), 2 for bad input (one line
@@ -44,9 +45,11 @@ fields; changing or removing one raises the version::
                   "bn_mode": str},        # "eval" or "train"
       "policy":  {"name": str, "about": str},
       "backend": str,                     # "light" or "inductor"
-      "compiles": {"without_pass_graphs": int,   # graphs Dynamo compiled, baseline
-                   "with_pass_graphs": int,      # graphs the pass ran on
-                   "caches": "off"},
+      "compiles": {"without_pass_graphs": int,   # graphs Dynamo kept, baseline compile
+                   "with_pass_graphs": int,      # graphs Dynamo kept, compile with the pass
+                   "discarded_graphs": int,      # graphs of a with-pass compile that Dynamo
+                                                 # restarted: in "counters", not in "pairs"
+                   "caches": "off"},             # FX graph and AOTAutograd caches
       "pairs": [                          # one per candidate pair, graph order
         {"graph": int,                    # 1, 2, ... within this run
          "conv": str, "bn": str,          # module paths: "layer1.0.conv1", "layer1.0.bn1"
@@ -93,6 +96,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch._functorch import config as functorch_config
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 import convbn_pass
@@ -116,7 +120,8 @@ _BACKENDS = {
              "partitioner, no code generation",
     "inductor": "torch.compile's default backend, the pass in its options",
 }
-# Every cache that could hand back a graph compiled earlier, so that the pass runs.
+# Inductor's caches that could hand back a graph compiled earlier, so that the pass
+# runs on every compile (AOTAutograd's cache is switched off around the compiles).
 _NO_CACHE = {"fx_graph_cache": False, "fx_graph_remote_cache": False,
              "autotune_local_cache": False, "autotune_remote_cache": False}
 _OUT_FILES = ("report.txt", "report.json", "graph_before.txt", "graph_after.txt")
@@ -161,7 +166,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", choices=list(convbn_pass.POLICIES), default="auto",
                    help="; ".join(f"{k}: {v}" for k, v in convbn_pass.POLICIES.items()))
     p.add_argument("--backend", choices=list(_BACKENDS), default="light",
-                   help="; ".join(f"{k}: {v}" for k, v in _BACKENDS.items()))
+                   help="; ".join(f"{k}: {v}" for k, v in _BACKENDS.items())
+                   + " (default light: inductor compiles slower)")
     p.add_argument("--graphs", choices=("none", "before", "after", "both"), default="none",
                    help="graphs to print in the report (default none)")
     p.add_argument("--format", choices=("text", "json"), default="text")
@@ -329,8 +335,9 @@ def _prepare(args: argparse.Namespace) -> tuple[_Model, torch.Tensor]:
         with torch.no_grad():
             module(x)
     except Exception as exc:
-        raise _UsageError(f"model {args.model!r} rejects an input of shape {list(x.shape)} "
-                          f"({_one_line(exc)}); set --shape and --batch") from exc
+        raise _UsageError(f"model {args.model!r} rejects an input of shape {list(x.shape)}, "
+                          f"{args.dtype} on {device} ({_one_line(exc)}); see --shape, "
+                          "--batch, --dtype, --device") from exc
     return model, x
 
 
@@ -483,7 +490,7 @@ def _run(model: nn.Module, x: torch.Tensor, policy: str | None,
     first = len(convbn_pass.decisions())
     counted = collections.Counter(torch._dynamo.utils.counters[COUNTER])
     try:
-        with torch._functorch.config.patch(enable_autograd_cache=False):
+        with functorch_config.patch(enable_autograd_cache=False):
             fn = _compile(model, policy, args, sink)
             with progress.step(f"compiling {label}, {args.backend} backend") as compile_s:
                 _step(fn, model, x)
@@ -594,7 +601,7 @@ def _text(r: dict[str, Any]) -> str:
         f"{'training' if inp['bn_mode'] == 'train' else 'eval'} mode",
         f"policy    {r['policy']['name']}: {r['policy']['about']}",
         f"backend   {r['backend']}: {_BACKENDS[r['backend']]}",
-        f"compiles  two, each with its own options, caches off: without the pass "
+        f"compiles  two, each with its own options, graph caches off: without the pass "
         f"{_plural(compiles['without_pass_graphs'], 'graph')}, with the pass "
         f"{_plural(compiles['with_pass_graphs'], 'graph')}" + _discarded(compiles),
         "",

@@ -63,8 +63,7 @@ def _modules(**replace: Any) -> Iterator[None]:
 
 def _test_models() -> contextlib.AbstractContextManager[None]:
     module = types.ModuleType(MODELS)
-    module.block, module.no_bn, module.broken = _block, _no_bn, _broken  # type: ignore[attr-defined]
-    module.not_a_model = lambda: 42  # type: ignore[attr-defined]
+    vars(module).update(block=_block, no_bn=_no_bn, broken=_broken, not_a_model=lambda: 42)
     return _modules(**{MODELS: module})
 
 
@@ -110,7 +109,7 @@ convbn_pass.inspect: resnet_tiny: ResNet-18 layout at width 8, one block a stage
 input     [4, 3, 32, 32] float32 on cpu, static shapes, BatchNorm in eval mode
 policy    auto: tune where the conv output outweighs the weight, else keep Eval mode
 backend   light: convbn_pass.backends.light: the pass, then AOTAutograd with Inductor's partitioner, no code generation
-compiles  two, each with its own options, caches off: without the pass 1 graph, with the pass 1 graph
+compiles  two, each with its own options, graph caches off: without the pass 1 graph, with the pass 1 graph
 
 Candidate pairs: 12
   #   conv -> bn                                      op      decision  reason       detail
@@ -146,7 +145,7 @@ convbn_pass.inspect: inspect_test_models:block: Sequential from inspect_test_mod
 input     [2, 3, 8, 8] float32 on cpu, static shapes, BatchNorm in eval mode
 policy    auto: tune where the conv output outweighs the weight, else keep Eval mode
 backend   light: convbn_pass.backends.light: the pass, then AOTAutograd with Inductor's partitioner, no code generation
-compiles  two, each with its own options, caches off: without the pass 1 graph, with the pass 1 graph
+compiles  two, each with its own options, graph caches off: without the pass 1 graph, with the pass 1 graph
 
 Candidate pairs: 2
   #  conv -> bn  op      decision  reason  detail

@@ -1,0 +1,108 @@
+"""Each Conv→BN block of a model, timed alone: the data for the ``auto`` policy.
+
+The ``auto`` policy tunes a block when its conv output has at least
+``AUTO_RATIO`` times as many elements as its weight. Whether that is the right
+line is a question about single blocks: how much slower (or faster) is a block
+in Tune mode (W′ rebuilt in backward) than in Eval mode, as a function of
+activation elements / weight elements? This module cuts every distinct block
+out of a model (same conv, same BatchNorm, same input shape, followed by a ReLU
+as in the zoo's ReLU networks), and measures each one with the harness: modes
+``compile`` (Eval), ``pass_memory`` (Tune, W′ rebuilt), ``pass_keep_weight``
+(Tune, W′ kept) and the ``compile_twin`` noise reference.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from convbn_pass import deploy, policy, zoo
+
+from . import harness
+
+__all__ = ["BLOCK_MODES", "model_blocks", "measure_blocks"]
+
+BLOCK_MODES = ["compile", "compile_twin", "pass_memory", "pass_keep_weight"]
+
+
+def _describe(conv: nn.Module) -> str:
+    if isinstance(conv, nn.Linear):
+        return f"linear {conv.in_features}->{conv.out_features}"
+    assert isinstance(conv, nn.modules.conv._ConvNd)
+    kind = "convT" if conv.transposed else "conv"
+    k = "x".join(map(str, conv.kernel_size))
+    text = f"{kind} {k} {conv.in_channels}->{conv.out_channels}"
+    if conv.stride != (1,) * len(conv.stride):
+        text += f" s{conv.stride[0]}"
+    if conv.groups != 1:
+        text += f" g{conv.groups}"
+    return text
+
+
+def model_blocks(model_name: str, batch: int, px: int,
+                 seed: int = 0) -> list[dict[str, Any]]:
+    """The distinct Conv→BN blocks of a model at this batch: the modules, the input
+    shape, and how many times each occurs."""
+    torch.manual_seed(seed)
+    model, shape = harness.build_model(model_name, px)
+    model = zoo.randomize_bn(model, seed).eval()
+    x = torch.randn(batch, *shape)
+    pairs = deploy.pairs(model, x)
+    shapes: dict[str, tuple[int, ...]] = {}
+    hooks = []
+    for conv_path, _ in pairs:
+        def record(module: nn.Module, args: Any, path: str = conv_path) -> None:
+            shapes[path] = tuple(args[0].shape)
+        hooks.append(model.get_submodule(conv_path).register_forward_pre_hook(record))
+    with torch.no_grad():
+        model(x)
+    for hook in hooks:
+        hook.remove()
+    found: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for conv_path, bn_path in pairs:
+        conv = model.get_submodule(conv_path)
+        in_shape = shapes[conv_path]
+        key = (repr(conv), in_shape)
+        if key in found:
+            found[key]["count"] += 1
+            found[key]["paths"].append(conv_path)
+            continue
+        with torch.no_grad():
+            out_numel = conv(torch.zeros(in_shape)).numel()
+        found[key] = {
+            "block": _describe(conv), "input_shape": list(in_shape), "count": 1,
+            "paths": [conv_path], "weight_numel": conv.weight.numel(),
+            "activation_numel": out_numel,
+            "modules": (conv, model.get_submodule(bn_path)),
+        }
+    return list(found.values())
+
+
+def measure_blocks(model_name: str, batch: int, settings: harness.Settings,
+                   budget: harness.Budget, log: harness.Log) -> list[dict[str, Any]]:
+    """Measure every distinct block of the model at this batch."""
+    results = []
+    blocks = model_blocks(model_name, batch, settings.px, settings.seed)
+    modes = harness.modes_for(BLOCK_MODES)
+    estimate = 0.0
+    for i, block in enumerate(blocks, 1):
+        if not budget.allows(3 * estimate + 10):
+            log(f"  block {i}/{len(blocks)} and later skipped: time budget")
+            break
+        conv, bn = block.pop("modules")
+        module = nn.Sequential(copy.deepcopy(conv), copy.deepcopy(bn), nn.ReLU()).eval()
+        x = torch.randn(*block["input_shape"])
+        ratio = block["activation_numel"] / block["weight_numel"]
+        log(f"  block {i}/{len(blocks)} {block['block']} in {tuple(x.shape)}: "
+            f"activation/weight = {ratio:.2f}")
+        torch._dynamo.reset()
+        measured = harness.measure_module(module, x, settings, modes, budget, log, estimate)
+        estimate = max(estimate, measured.get("max_first_s", 0.0))
+        auto = "tune" if ratio >= policy.AUTO_RATIO else "eval"
+        results.append({"model": model_name, "batch": batch, **block,
+                        "act_over_weight": ratio, "auto_action": auto, **measured})
+        torch._dynamo.reset()
+    return results

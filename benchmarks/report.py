@@ -1,0 +1,552 @@
+"""Tables, targets and plots from a results dict (``results.json``).
+
+Everything here reads the measured results only; nothing is measured or
+assumed. ``write_all(results, out_dir)`` writes ``results.md``, ``results.csv``
+and the PNG figures next to ``results.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import pathlib
+from collections import defaultdict
+from typing import Any, Iterable
+
+__all__ = ["targets", "markdown", "csv_rows", "write_all", "TABLE_MODES"]
+
+MB = 1e6
+# Column order of the tables.
+TABLE_MODES = ["eager", "compile", "compile_twin", "compile_again", "builtin", "pass_auto",
+               "pass_memory", "pass_keep_weight", "deploy"]
+PLOT_MODES = ["eager", "compile", "builtin", "pass_auto", "pass_memory", "pass_keep_weight",
+              "deploy"]
+FLOOR_TOLERANCE = 0.01   # memory policy: within 1% of Deploy mode
+COMPILE_TOLERANCE = 0.10  # compile time with the pass: within 10% of without
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.{digits}f}"
+
+
+def _mark(ok: bool | None) -> str:
+    return "–" if ok is None else ("✓" if ok else "✗")
+
+
+def noise(cell: dict[str, Any]) -> float | None:
+    """The time noise of a cell: how far the baseline's twin (same compiled code,
+    second copy) lands from 1, or half the spread of its per-round ratios,
+    whichever is larger."""
+    twin = cell["modes"].get("compile_twin")
+    if not twin or "ratio" not in twin:
+        return None
+    return max(abs(twin["ratio"] - 1.0), (twin["ratio_q3"] - twin["ratio_q1"]) / 2)
+
+
+def targets(cell: dict[str, Any]) -> dict[str, Any]:
+    """The policy targets of one cell, each as (value, holds) or None when a mode
+    it needs is missing."""
+    modes = cell["modes"]
+    got = lambda name, key: modes.get(name, {}).get(key)  # noqa: E731
+    out: dict[str, Any] = {}
+    mem, floor = got("pass_memory", "saved_bytes"), got("deploy", "saved_bytes")
+    if mem is not None and floor:
+        excess = mem / floor - 1.0
+        out["memory_floor"] = (excess, abs(excess) <= FLOOR_TOLERANCE)
+    auto, base, builtin = (got("pass_auto", "saved_bytes"), got("compile", "saved_bytes"),
+                           got("builtin", "saved_bytes"))
+    if auto is not None and base is not None:
+        out["auto_le_compile"] = (auto / base, auto <= base)
+    if auto is not None and builtin is not None:
+        out["auto_le_builtin"] = (auto / builtin, auto <= builtin)
+    ratio, band = got("pass_auto", "ratio"), noise(cell)
+    if ratio is not None and band is not None:
+        out["auto_time"] = (ratio, band, ratio <= 1.0 + band)
+    for policy in ("auto", "memory", "keep_weight"):
+        c_pass, c_base = got(f"pass_{policy}", "first_s"), got("compile", "first_s")
+        if c_pass is not None and c_base:
+            out[f"compile_{policy}"] = (c_pass / c_base, c_pass <= (1 + COMPILE_TOLERANCE) * c_base)
+    again = got("compile_again", "first_s")
+    if again is not None and got("compile", "first_s"):
+        out["compile_noise"] = again / got("compile", "first_s") - 1.0
+    return out
+
+
+def _auto_fails(t: dict[str, Any]) -> list[str]:
+    fails = []
+    for key in ("auto_le_compile", "auto_le_builtin", "compile_auto"):
+        if key in t and not t[key][-1]:
+            fails.append(key)
+    if "auto_time" in t and not t["auto_time"][-1]:
+        fails.append("auto_time")
+    return fails
+
+
+# --- tables -------------------------------------------------------------------------
+
+def _table(header: list[str], rows: Iterable[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines + [""]
+
+
+def _cell_id(cell: dict[str, Any]) -> list[str]:
+    shape = cell.get("input_shape", [])
+    size = f"{shape[-1]} px" if len(shape) == 4 else "–"
+    return [cell["model"], str(cell["batch"]), size]
+
+
+def _present(cells: list[dict[str, Any]], key: str = "saved_bytes") -> list[str]:
+    return [m for m in TABLE_MODES if any(key in c["modes"].get(m, {}) for c in cells)]
+
+
+def _targets_section(cells: list[dict[str, Any]]) -> list[str]:
+    lines = ["## Targets", "",
+             "- **memory floor**: `pass_memory` activation bytes within 1% of `deploy`.",
+             "- **auto ≤ compile / ≤ builtin**: `pass_auto` activation bytes no higher than "
+             "compile-without-pass and than PyTorch's built-in pass (value: auto / other).",
+             "- **auto time**: median per-round time ratio of `pass_auto` to `compile` no "
+             "higher than 1 + noise (noise: the baseline twin's distance from 1 or half "
+             "its ratio IQR, whichever is larger).",
+             "- **compile**: first-call time of the pass modes within 10% of `compile`'s "
+             "(ratio shown; `compile_again`, where run, is the baseline compiled twice: "
+             "its excess is the compile noise).", ""]
+    header = ["model", "batch", "size", "memory floor", "auto ≤ compile", "auto ≤ builtin",
+              "auto time (noise)", "compile auto", "compile memory", "compile keep_weight",
+              "compile noise"]
+    rows = []
+    for cell in cells:
+        t = targets(cell)
+        row = _cell_id(cell)
+        if "memory_floor" in t:
+            row.append(f"{_mark(t['memory_floor'][1])} {t['memory_floor'][0] * 100:+.2f}%")
+        else:
+            row.append("–")
+        for key in ("auto_le_compile", "auto_le_builtin"):
+            row.append(f"{_mark(t[key][1])} {t[key][0]:.3f}" if key in t else "–")
+        if "auto_time" in t:
+            r, band, ok = t["auto_time"]
+            row.append(f"{_mark(ok)} {r:.3f} (±{band:.3f})")
+        else:
+            row.append("–")
+        for policy in ("auto", "memory", "keep_weight"):
+            key = f"compile_{policy}"
+            row.append(f"{_mark(t[key][1])} {t[key][0]:.2f}" if key in t else "–")
+        row.append(f"{t['compile_noise'] * 100:+.1f}%" if "compile_noise" in t else "–")
+        rows.append(row)
+    return lines + _table(header, rows)
+
+
+def _memory_section(cells: list[dict[str, Any]]) -> list[str]:
+    modes = [m for m in _present(cells) if m not in ("compile_twin", "compile_again")]
+    lines = ["## Activation memory saved for backward (MB)", "",
+             "Exact (saved-tensor hooks, `convbn_pass.memory`): unique storages saved for "
+             "backward, minus parameters, buffers and the input batch. Deterministic. "
+             "`tuned` is `pass_auto`'s tuned blocks / all pairs.", ""]
+    header = ["model", "batch", "size"] + modes + ["auto tuned"]
+    rows = []
+    for cell in cells:
+        row = _cell_id(cell)
+        for m in modes:
+            r = cell["modes"].get(m, {})
+            row.append(_fmt(r["saved_bytes"] / MB, 2) if "saved_bytes" in r else "–")
+        auto = cell["modes"].get("pass_auto")
+        row.append(f"{auto['tuned']}/{cell.get('pairs')}" if auto else "–")
+        rows.append(row)
+    return lines + _table(header, rows)
+
+
+def _time_section(cells: list[dict[str, Any]]) -> list[str]:
+    modes = [m for m in _present(cells, "median_s") if m != "compile"]
+    lines = ["## Step time (forward + backward, BN in eval mode)", "",
+             "`compile ms`: the baseline's median step. Other columns: median of per-round "
+             "time ratios to `compile` [first–third quartile]. Modes run interleaved, the "
+             "order rotated every round. `compile_twin` runs the baseline's compiled code "
+             "on a second copy: its ratio shows the noise. **Noisy** figures: the machine "
+             "was shared with other jobs.", ""]
+    header = ["model", "batch", "size", "compile ms", *modes, "rounds×steps"]
+    rows = []
+    for cell in cells:
+        row = _cell_id(cell)
+        base = cell["modes"].get("compile", {})
+        row.append(_fmt(base.get("median_s", float("nan")) * 1e3, 1))
+        for m in modes:
+            r = cell["modes"].get(m, {})
+            row.append(f"{r['ratio']:.3f} [{r['ratio_q1']:.2f}–{r['ratio_q3']:.2f}]"
+                       if "ratio" in r else "–")
+        steps = len(base.get("steps_s", []))
+        row.append(f"{base.get('rounds', 0)}×{steps // max(base.get('rounds', 1), 1)}")
+        rows.append(row)
+    return lines + _table(header, rows)
+
+
+def _compile_section(cells: list[dict[str, Any]]) -> list[str]:
+    modes = [m for m in _present(cells, "first_s") if m not in ("eager", "compile_twin")]
+    lines = ["## First call (compile) time, s", "",
+             "Wall time of the first training step: Dynamo, AOTAutograd and Inductor for "
+             "forward and backward, plus one step. Each compile used an empty Inductor "
+             "cache directory unless the settings say otherwise. Noisy on a shared machine.",
+             ""]
+    header = ["model", "batch", "size", *modes]
+    rows = []
+    for cell in cells:
+        row = _cell_id(cell)
+        for m in modes:
+            r = cell["modes"].get(m, {})
+            row.append(_fmt(r.get("first_s"), 1))
+        rows.append(row)
+    return lines + _table(header, rows)
+
+
+def _peak_section(cells: list[dict[str, Any]]) -> list[str]:
+    cuda = [c for c in cells if any("peak_bytes" in r for r in c["modes"].values())]
+    rss = [c for c in cells if any("rss" in r for r in c["modes"].values())]
+    lines: list[str] = []
+    if cuda:
+        modes = [m for m in _present(cuda, "peak_bytes") if m != "compile_again"]
+        lines += ["## Peak memory of a step, CUDA allocator (MB above what was allocated "
+                  "before the step)", ""]
+        rows = [_cell_id(c) + [_fmt(c["modes"].get(m, {}).get("peak_bytes", float("nan")) / MB, 1)
+                               for m in modes] for c in cuda]
+        lines += _table(["model", "batch", "size", *modes], rows)
+    if rss:
+        modes = [m for m in TABLE_MODES if any("rss" in c["modes"].get(m, {}) for c in rss)]
+        lines += ["## Peak RSS, CPU, one fresh process per mode (MB)", "",
+                  "`step`: peak RSS of one warm step above the RSS before it (glibc mmap "
+                  "threshold 64 KiB so freed tensors leave the resident set). `process`: the "
+                  "process's peak over its life, compile included. `cold compile s`: first "
+                  "call in a fresh process with an empty cache.", ""]
+        rows = []
+        for c in rss:
+            for key, label, scale in (("step_peak_bytes", "step", MB),
+                                      ("process_peak_bytes", "process", MB),
+                                      ("first_s", "cold compile s", 1.0)):
+                rows.append(_cell_id(c) + [label] + [
+                    _fmt(c["modes"].get(m, {}).get("rss", {}).get(key, float("nan")) / scale, 1)
+                    for m in modes])
+        lines += _table(["model", "batch", "size", "figure", *modes], rows)
+    return lines
+
+
+def _auto_section(cells: list[dict[str, Any]],
+                  blocks: list[dict[str, Any]]) -> list[str]:
+    """Where ``auto`` misses a target: its per-block choices there."""
+    lines = ["## Where the auto policy misses a target", ""]
+    failing = [(c, _auto_fails(targets(c))) for c in cells]
+    failing = [(c, f) for c, f in failing if f]
+    if not failing:
+        return lines + ["No cell misses an auto target.", ""]
+    timed = {(b["model"], b["batch"], p): b for b in blocks for p in b.get("paths", [])}
+    for cell, fails in failing:
+        auto = cell["modes"].get("pass_auto", {})
+        lines += [f"### {cell['model']}, batch {cell['batch']}: misses {', '.join(fails)}", ""]
+        groups: dict[tuple[Any, ...], list[str]] = defaultdict(list)
+        for b in auto.get("blocks", []):
+            groups[(b["op"], b["weight_numel"], b["activation_numel"], b["action"])].append(b["conv"])
+        rows = []
+        for (op, w, a, action), convs in sorted(groups.items(), key=lambda kv: kv[0][2] / max(kv[0][1] or 1, 1)):
+            study = timed.get((cell["model"], cell["batch"], convs[0]))
+            t_mem = _fmt(study["modes"]["pass_memory"]["ratio"], 3) if study and "pass_memory" in study["modes"] else "–"
+            t_keep = _fmt(study["modes"]["pass_keep_weight"]["ratio"], 3) if study and "pass_keep_weight" in study["modes"] else "–"
+            rows.append([op, str(len(convs)), f"{w:,}" if w else "?", f"{a:,}" if a else "?",
+                         _fmt(a / w, 2) if a and w else "–", action, t_mem, t_keep,
+                         ", ".join(convs[:3]) + (" …" if len(convs) > 3 else "")])
+        lines += _table(["op", "blocks", "weight numel", "activation numel", "act/weight",
+                         "auto action", "block time Tune/Eval", "block time keep-W′/Eval",
+                         "convs"], rows)
+    return lines
+
+
+def _blocks_section(blocks: list[dict[str, Any]]) -> list[str]:
+    if not blocks:
+        return []
+    lines = ["## Single blocks: Tune vs Eval mode (conv → BN → ReLU, alone)", "",
+             "Each distinct block of a model, compiled alone. Ratios are median per-round "
+             "step-time ratios to `compile` (Eval mode) [quartiles]; noise from the "
+             "baseline twin. `auto` is what the current policy picks.", ""]
+    header = ["model", "batch", "block", "input", "count", "weight numel", "act numel",
+              "act/weight", "auto", "Eval ms", "Tune/Eval", "keep-W′/Eval", "noise",
+              "saved KB Eval", "saved KB Tune"]
+    rows = []
+    for b in sorted(blocks, key=lambda b: (b["model"], b["batch"], b["act_over_weight"])):
+        modes = b["modes"]
+        base = modes.get("compile", {})
+        tune = modes.get("pass_memory", {})
+        keep = modes.get("pass_keep_weight", {})
+        band = noise(b)
+        rows.append([
+            b["model"], str(b["batch"]), b["block"], "×".join(map(str, b["input_shape"])),
+            str(b["count"]), f"{b['weight_numel']:,}", f"{b['activation_numel']:,}",
+            _fmt(b["act_over_weight"], 2), b.get("auto_action", "–"),
+            _fmt(base.get("median_s", float("nan")) * 1e3, 2),
+            f"{tune['ratio']:.3f} [{tune['ratio_q1']:.2f}–{tune['ratio_q3']:.2f}]" if "ratio" in tune else "–",
+            f"{keep['ratio']:.3f}" if "ratio" in keep else "–",
+            _fmt(band, 3),
+            _fmt(base.get("saved_bytes", float("nan")) / 1e3, 0),
+            _fmt(tune.get("saved_bytes", float("nan")) / 1e3, 0),
+        ])
+    return lines + _table(header, rows)
+
+
+def _light_section(light: list[dict[str, Any]]) -> list[str]:
+    if not light:
+        return []
+    modes = [m for m in PLOT_MODES if any(m in c["modes"] for c in light)]
+    lines = ["## Activation memory, light backend sweep (MB)", "",
+             "`convbn_pass.backends.light`: the pass, then AOTAutograd with the min-cut "
+             "partitioner, no Inductor. Same rewrite, but no Inductor decompositions and no "
+             "layout optimisation, so absolute figures differ from Inductor's (compare "
+             "with the Inductor table where both exist); `builtin` here is PyTorch's pattern "
+             "pass called directly.", ""]
+    rows = []
+    for c in light:
+        row = _cell_id(c)
+        for m in modes:
+            r = c["modes"].get(m)
+            row.append(_fmt(r["saved_bytes"] / MB, 2) if r else "–")
+        auto = c["modes"].get("pass_auto")
+        mem = c["modes"].get("pass_memory")
+        row.append(f"{auto['tuned']}/{mem['tuned']}" if auto and mem else "–")
+        rows.append(row)
+    return lines + _table(["model", "batch", "size", *modes, "auto tuned"], rows)
+
+
+def _checks_section(cells: list[dict[str, Any]]) -> list[str]:
+    lines = ["## Checks", "",
+             "Every compiled mode must compile a graph of its own (except the twin), and "
+             "its rewrite must fire (`tuned` for the pass, "
+             "`counters['inductor']['efficient_conv_bn_eval']` for the built-in pass) and no "
+             "other. Problems found:", ""]
+    problems = []
+    for c in cells:
+        for m, r in c["modes"].items():
+            problems += [f"- {c['model']} batch {c['batch']}, {m}: {p}" for p in r.get("checks", [])]
+        problems += [f"- {c['model']} batch {c['batch']}: {n}" for n in c.get("notes", [])]
+    rewrites = [f"{c['model']}/{c['batch']}: built-in {c['modes'].get('builtin', {}).get('builtin_rewrites', '–')}, "
+                f"memory {c['modes'].get('pass_memory', {}).get('tuned', '–')}, "
+                f"keep_weight {c['modes'].get('pass_keep_weight', {}).get('tuned', '–')}, "
+                f"auto {c['modes'].get('pass_auto', {}).get('tuned', '–')}"
+                for c in cells]
+    lines += problems or ["- none"]
+    lines += ["", "Rewrite counts per cell: " + "; ".join(rewrites) + ".", ""]
+    return lines
+
+
+def markdown(results: dict[str, Any]) -> str:
+    every = [c for c in results.get("cells", []) if c.get("modes")]
+    cells = [c for c in every if "saved_bytes" in c["modes"].get("compile", {})]
+    env = results.get("environment", {})
+    s = results.get("settings", {})
+    lines = [f"# convbn_pass benchmark: {results.get('preset') or 'custom'}", "",
+             "Made by:", "", "    " + results.get("command", "?"), "",
+             f"torch {env.get('torch')}, device {s.get('device')}"
+             + (f" ({env['gpu']})" if env.get("gpu") else f", {env.get('cpus')} CPUs")
+             + f", {env.get('torch_threads')} torch thread(s), torchvision: {env.get('torchvision')}, "
+             f"timm: {env.get('timm')}. auto policy ratio {env.get('auto_ratio')}. "
+             f"Started {results.get('started')}, finished {results.get('finished', 'unfinished')}"
+             f", {results.get('elapsed_s', 0):.0f} s.", "",
+             f"Settings: `{s}`", ""]
+    if results.get("modes_about"):
+        lines += ["Modes:", ""] + [f"- `{k}`: {v}" for k, v in results["modes_about"].items()] + [""]
+    if cells:
+        lines += _targets_section(cells)
+        lines += _memory_section(cells)
+        lines += _time_section(cells)
+        lines += _compile_section(cells)
+    if every:
+        lines += _peak_section(every)
+    if cells:
+        lines += _auto_section(cells, results.get("blocks", []))
+        lines += _checks_section(cells)
+    lines += _blocks_section(results.get("blocks", []))
+    lines += _light_section(results.get("light", []))
+    skipped = results.get("skipped", [])
+    if skipped:
+        lines += ["## Skipped", ""] + [f"- {s}" for s in skipped] + [""]
+    return "\n".join(lines)
+
+
+# --- CSV ----------------------------------------------------------------------------
+
+CSV_FIELDS = ["kind", "model", "batch", "input_shape", "mode", "saved_bytes", "median_s",
+              "q1_s", "q3_s", "ratio", "ratio_q1", "ratio_q3", "rounds", "first_s", "compile_s",
+              "tuned", "builtin_rewrites", "new_graphs", "peak_bytes", "rss_step_peak_bytes",
+              "rss_process_peak_bytes", "rss_first_s", "block", "weight_numel",
+              "activation_numel", "checks"]
+
+
+def csv_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for kind, items in (("grid", results.get("cells", [])), ("block", results.get("blocks", [])),
+                        ("light", results.get("light", []))):
+        for cell in items:
+            for mode, r in cell.get("modes", {}).items():
+                row = {k: r.get(k) for k in CSV_FIELDS if k in r}
+                rss = r.get("rss", {})
+                row.update({"rss_step_peak_bytes": rss.get("step_peak_bytes"),
+                            "rss_process_peak_bytes": rss.get("process_peak_bytes"),
+                            "rss_first_s": rss.get("first_s")})
+                row.update({"kind": kind, "model": cell["model"], "batch": cell["batch"],
+                            "input_shape": "x".join(map(str, cell.get("input_shape", []))),
+                            "mode": mode, "checks": "; ".join(r.get("checks", [])),
+                            "block": cell.get("block"), "weight_numel": cell.get("weight_numel"),
+                            "activation_numel": cell.get("activation_numel")})
+                rows.append(row)
+    return rows
+
+
+# --- plots --------------------------------------------------------------------------
+
+def _by_model(cells: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    grouped: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for c in cells:
+        grouped[c["model"]].append(c)
+    return {m: sorted(cs, key=lambda c: c["batch"]) for m, cs in grouped.items()}
+
+
+def _subplots(n: int):
+    import matplotlib.pyplot as plt
+    cols = min(n, 3)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.8 * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat)
+
+
+def _plot_metric(cells: list[dict[str, Any]], key: str, scale: float, ylabel: str, title: str,
+                 path: pathlib.Path, sub: str | None = None) -> bool:
+    grouped = _by_model(cells)
+    if not grouped:
+        return False
+    fig, axes = _subplots(len(grouped))
+    plotted = False
+    for ax, (model, cs) in zip(axes, grouped.items()):
+        for mode in PLOT_MODES:
+            pts = []
+            for c in cs:
+                r = c["modes"].get(mode, {})
+                value = r.get(sub, {}).get(key) if sub else r.get(key)
+                if value is not None:
+                    pts.append((c["batch"], value / scale))
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=mode)
+                plotted = True
+        ax.set_title(f"{model} ({cs[0]['input_shape'][-1]} px)" if len(cs[0]["input_shape"]) == 4 else model)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    import matplotlib.pyplot as plt
+    if not plotted:
+        plt.close(fig)
+        return False
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _plot_time(cells: list[dict[str, Any]], path: pathlib.Path) -> bool:
+    grouped = _by_model([c for c in cells if "ratio" in c["modes"].get("compile", {})])
+    if not grouped:
+        return False
+    fig, axes = _subplots(len(grouped))
+    for ax, (model, cs) in zip(axes, grouped.items()):
+        batches = [c["batch"] for c in cs]
+        bands = [noise(c) or 0.0 for c in cs]
+        ax.fill_between(batches, [1 - b for b in bands], [1 + b for b in bands], color="grey",
+                        alpha=0.25, label="noise (twin)")
+        for mode in PLOT_MODES:
+            if mode == "compile":
+                continue
+            pts = [(c["batch"], c["modes"][mode]) for c in cs if "ratio" in c["modes"].get(mode, {})]
+            if not pts:
+                continue
+            xs = [b for b, _ in pts]
+            ys = [r["ratio"] for _, r in pts]
+            err = [[r["ratio"] - r["ratio_q1"] for _, r in pts], [r["ratio_q3"] - r["ratio"] for _, r in pts]]
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=mode)
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.set_title(model)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch")
+        ax.set_ylabel("step time / compile")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Median step time relative to torch.compile without a pass (bars: quartiles)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    return True
+
+
+def _plot_blocks(blocks: list[dict[str, Any]], auto_ratio: float | None,
+                 path: pathlib.Path) -> bool:
+    pts = [b for b in blocks if "ratio" in b["modes"].get("pass_memory", {})]
+    if not pts:
+        return False
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label in sorted({(b["model"], b["batch"]) for b in pts}):
+        sel = [b for b in pts if (b["model"], b["batch"]) == label]
+        ax.scatter([b["act_over_weight"] for b in sel],
+                   [b["modes"]["pass_memory"]["ratio"] for b in sel],
+                   label=f"{label[0]} batch {label[1]}")
+    if auto_ratio:
+        ax.axvline(auto_ratio, color="red", ls="--", label=f"auto ratio {auto_ratio}")
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("conv output elements / weight elements")
+    ax.set_ylabel("block step time, Tune (W′ rebuilt) / Eval")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_all(results: dict[str, Any], out: pathlib.Path) -> list[str]:
+    """results.md, results.csv and the PNGs; returns the file names written."""
+    import matplotlib
+    matplotlib.use("Agg")
+    written = []
+    rows = csv_rows(results)
+    if rows:
+        with open(out / "results.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+        written.append("results.csv")
+    cells = [c for c in results.get("cells", []) if c.get("modes")]
+    plots = {
+        "memory.png": lambda p: _plot_metric(cells, "saved_bytes", MB, "MB saved for backward",
+                                             "Activation memory saved for backward (Inductor)", p),
+        "time.png": lambda p: _plot_time(cells, p),
+        "compile.png": lambda p: _plot_metric(cells, "first_s", 1.0, "first call, s",
+                                              "First-call (compile) time", p),
+        "peak_cuda.png": lambda p: _plot_metric(cells, "peak_bytes", MB, "MB above pre-step",
+                                                "Peak CUDA memory of a step", p),
+        "peak_rss.png": lambda p: _plot_metric(cells, "step_peak_bytes", MB, "MB above pre-step",
+                                               "Peak RSS of a step, fresh process", p, sub="rss"),
+        "light_memory.png": lambda p: _plot_metric(
+            results.get("light", []), "saved_bytes", MB, "MB saved for backward",
+            "Activation memory saved for backward (light backend, no Inductor)", p),
+        "blocks.png": lambda p: _plot_blocks(results.get("blocks", []),
+                                             results.get("environment", {}).get("auto_ratio"), p),
+    }
+    for name, plot in plots.items():
+        if plot(out / name):
+            written.append(name)
+    md = markdown(results)
+    if written:
+        md += "\n## Figures\n\n" + "\n".join(f"![{n}]({n})" for n in written if n.endswith(".png")) + "\n"
+    (out / "results.md").write_text(md)
+    written.append("results.md")
+    return written

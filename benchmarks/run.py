@@ -1,0 +1,389 @@
+"""``python -m benchmarks.run``: the benchmark grid, the light sweep, the block study.
+
+::
+
+    python -m benchmarks.run --quick                 # a few minutes on 2 CPU cores
+    python -m benchmarks.run --preset cpu            # the CPU grid (about 40 minutes)
+    python -m benchmarks.run --preset gpu            # one GPU, under 8 minutes (gpu.sh)
+    python -m benchmarks.run --models resnet18 torchvision:resnet50 --batches 1 8 --px 96
+    python -m benchmarks.run --report-only benchmarks/results/quick   # tables and plots again
+
+Results go to ``benchmarks/results/<preset>/``: ``results.json`` (everything,
+rewritten after every cell, so an interrupted run keeps what it measured),
+``results.csv``, ``results.md``, PNG figures and ``command.txt``. Progress goes
+to stderr. See benchmarks/README.md for how to read them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import pathlib
+import shlex
+import subprocess
+import sys
+import tempfile
+from typing import Any, Sequence
+
+import torch
+
+from convbn_pass import zoo
+
+from . import harness, report
+
+__all__ = ["main", "PRESETS", "Preset"]
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+Cell = tuple[str, int, int]  # (model, batch, image side)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    about: str
+    cells: tuple[Cell, ...] = ()        # Inductor grid, in priority order
+    light: tuple[Cell, ...] = ()        # light-backend saved-bytes sweep
+    blocks: tuple[Cell, ...] = ()       # single-block study
+    peak_rss: tuple[Cell, ...] = ()     # fresh-process peak RSS (CPU)
+    device: str = "cpu"
+    threads: int | None = None          # torch threads; None: torch's default
+    modes: tuple[str, ...] = ()         # default: harness.DEFAULT_MODES
+    budget: float | None = None         # seconds for the whole run
+    warmup: int = 2
+    rounds: int = 6
+    steps: int = 2
+    time_per_cell: float = 60.0
+    fresh_kernel_cache: bool = True
+
+
+def _cross(models: Sequence[str], batches: Sequence[int], px: int) -> tuple[Cell, ...]:
+    return tuple((m, b, px) for m in models for b in batches)
+
+
+ZOO = ("resnet18", "resnet50", "mobilenet_v2", "resnext50", "unet", "mlp_bn",
+       "efficientnet_lite")
+
+PRESETS: dict[str, Preset] = {
+    "quick": Preset(
+        "ResNet-18 at batch 1 and 8 (64 px) and the Linear-BN MLP: a few minutes on 2 cores",
+        cells=(("resnet18", 1, 64), ("resnet18", 8, 64), ("mlp_bn", 8, 0), ("mlp_bn", 64, 0)),
+        threads=1, rounds=5, steps=2, time_per_cell=30.0, fresh_kernel_cache=False),
+    "cpu": Preset(
+        "The CPU grid: every zoo model, ReLU and SiLU nets, batch 1 to 64, ~40 min on 2 cores",
+        cells=(("resnet18", 8, 96), ("mlp_bn", 1, 0), ("mlp_bn", 64, 0),
+               ("efficientnet_lite", 8, 96), ("resnet50", 8, 96), ("resnet18", 1, 96),
+               ("resnet18", 32, 96), ("mobilenet_v2", 8, 96), ("unet", 4, 96),
+               ("resnext50", 8, 64), ("resnet50", 1, 96), ("resnet18", 64, 96)),
+        modes=(*harness.DEFAULT_MODES, "compile_again"),
+        threads=1, rounds=6, steps=2, time_per_cell=45.0, budget=2400.0),
+    "cpu-rss": Preset(
+        "Peak RSS of a fresh process per mode and cold compile time (CPU), two cells",
+        peak_rss=(("resnet18", 8, 96), ("resnet18", 32, 96)), threads=1, budget=1500.0),
+    "sweep": Preset(
+        "Activation bytes only, light backend (no Inductor): every zoo model, batch 1-64",
+        light=tuple((m, b, 96) for m in ZOO for b in (1, 2, 4, 8, 16, 32, 64)),
+        threads=1, budget=2400.0),
+    "blocks": Preset(
+        "Single Conv-BN-ReLU blocks, Tune vs Eval, for the auto policy's threshold",
+        blocks=(("resnet18", 1, 96), ("resnet18", 8, 96), ("resnet50", 1, 96)),
+        threads=1, rounds=6, steps=3, time_per_cell=12.0, fresh_kernel_cache=False,
+        budget=2400.0),
+    "gpu": Preset(
+        "One GPU (H100), torchvision/timm models at 224 px, under 8 minutes",
+        cells=(("torchvision:resnet50", 32, 224), ("torchvision:resnet18", 32, 224),
+               ("timm:efficientnet_b0", 32, 224), ("torchvision:resnet50", 64, 224),
+               ("torchvision:resnet50", 8, 224), ("torchvision:mobilenet_v2", 32, 224),
+               ("unet", 8, 224), ("torchvision:resnet18", 1, 224),
+               ("resnet50", 32, 224), ("efficientnet_lite", 32, 224)),
+        device="cuda", rounds=10, steps=5, time_per_cell=15.0, budget=390.0,
+        fresh_kernel_cache=False),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a prepared grid (see README)")
+    p.add_argument("--quick", action="store_true", help="same as --preset quick")
+    p.add_argument("--models", nargs="+", help="zoo names, torchvision:NAME or timm:NAME "
+                   "(with --batches: replaces the preset's grid)")
+    p.add_argument("--batches", nargs="+", type=int, help="batch sizes")
+    p.add_argument("--px", type=int, default=96, help="image side for --models (default 96)")
+    p.add_argument("--modes", nargs="+", help=f"modes (default all but compile_again): "
+                   f"{', '.join(harness.MODES)}")
+    p.add_argument("--device", help="cpu or cuda (default: the preset's, else cpu)")
+    p.add_argument("--threads", type=int, help="torch threads (CPU)")
+    p.add_argument("--budget", type=float, help="seconds for the whole run; cells and modes "
+                   "that would pass it are skipped and the results still written")
+    p.add_argument("--rounds", type=int, help="round-robin timing rounds per cell")
+    p.add_argument("--steps", type=int, help="timed steps per mode per round")
+    p.add_argument("--time-per-cell", type=float, help="seconds of timing per cell, at most")
+    p.add_argument("--shared-kernel-cache", action="store_true",
+                   help="let compiles share Inductor's kernel cache (faster; compile times "
+                   "then depend on the order)")
+    p.add_argument("--light", action="store_true", help="measure the --models/--batches cells "
+                   "with the light backend (saved bytes only, no Inductor)")
+    p.add_argument("--blocks", action="store_true", help="run the single-block study on the "
+                   "--models/--batches cells")
+    p.add_argument("--peak-rss", action="store_true", help="also measure each mode's peak RSS "
+                   "in a fresh process (CPU; one more compile per mode)")
+    p.add_argument("--out", type=pathlib.Path, help="output folder (default "
+                   "benchmarks/results/<preset or custom>)")
+    p.add_argument("--report-only", type=pathlib.Path, metavar="DIR",
+                   help="rewrite tables and plots from DIR/results.json")
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # a fresh process for --peak-rss
+    return p
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _resolve(args: argparse.Namespace) -> tuple[str, Preset]:
+    name = "quick" if args.quick else args.preset
+    preset = PRESETS[name] if name else Preset("custom")
+    changes: dict[str, Any] = {}
+    if args.models or args.batches:
+        if not (args.models and args.batches):
+            raise ValueError("--models and --batches go together")
+        cells = _cross(args.models, args.batches, args.px)
+        kind = "light" if args.light else "blocks" if args.blocks else "cells"
+        changes.update(cells=(), light=(), blocks=(), peak_rss=())
+        changes[kind] = cells
+        if args.peak_rss:
+            changes["peak_rss"] = cells
+        name = name or "custom"
+    elif args.light or args.blocks:
+        raise ValueError("--light and --blocks need --models and --batches")
+    elif args.peak_rss:
+        changes["peak_rss"] = preset.cells
+    for field in ("device", "threads", "budget", "rounds", "steps"):
+        if getattr(args, field) is not None:
+            changes[field] = getattr(args, field)
+    if args.time_per_cell is not None:
+        changes["time_per_cell"] = args.time_per_cell
+    if args.modes:
+        changes["modes"] = tuple(args.modes)
+    if args.shared_kernel_cache:
+        changes["fresh_kernel_cache"] = False
+    if not name:
+        raise ValueError("say what to run: --quick, --preset NAME, or --models and --batches")
+    preset = dataclasses.replace(preset, **changes)
+    for model, _, _ in preset.cells + preset.light + preset.blocks + preset.peak_rss:
+        if ":" not in model and model not in zoo.MODELS:
+            raise ValueError(f"unknown model {model!r}; choose one of {', '.join(zoo.MODELS)}, "
+                             "torchvision:NAME or timm:NAME")
+    return name, preset
+
+
+def _settings(preset: Preset, px: int) -> harness.Settings:
+    return harness.Settings(device=preset.device, px=px, warmup=preset.warmup,
+                            rounds=preset.rounds, steps=preset.steps,
+                            time_per_cell=preset.time_per_cell,
+                            fresh_kernel_cache=preset.fresh_kernel_cache)
+
+
+def _save(results: dict[str, Any], out: pathlib.Path) -> None:
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1, default=str))
+    tmp.replace(out / "results.json")
+
+
+def _progress(i: int, n: int, what: str, budget: harness.Budget) -> None:
+    left = "" if budget.deadline is None else f", {budget.left():.0f} s of budget left"
+    _log(f"[{i}/{n}] {what} ({budget.elapsed():.0f} s elapsed{left})")
+
+
+def _run_grid(preset: Preset, modes: list[harness.Mode], results: dict[str, Any],
+              out: pathlib.Path, budget: harness.Budget) -> None:
+    estimates: dict[str, float] = {}
+    for i, (model, batch, px) in enumerate(preset.cells, 1):
+        what = f"{model} batch {batch}" + (f" at {px} px" if px else "")
+        _progress(i, len(preset.cells), what, budget)
+        estimate = estimates.get(model, max(estimates.values(), default=0.0))
+        if not budget.allows(estimate + 20):
+            results["skipped"].append(f"{what}: time budget ({budget.left():.0f} s left)")
+            _log("    skipped: time budget")
+            continue
+        try:
+            cell = harness.measure_cell(model, batch, _settings(preset, px), modes, budget, _log,
+                                        estimate)
+        except harness.Unavailable as exc:
+            results["skipped"].append(f"{what}: {exc}")
+            _log(f"    skipped {model}: {exc}")
+            continue
+        estimates[model] = max(estimates.get(model, 0.0), cell.get("max_first_s", 0.0))
+        if cell.get("skipped_modes"):
+            results["skipped"].append(f"{what}: modes {', '.join(cell['skipped_modes'])} "
+                                      "(time budget)")
+        if "error" in cell:
+            results["skipped"].append(f"{what}: {cell['error']}")
+        else:
+            results["cells"].append(cell)
+            _summary(cell)
+        _save(results, out)
+
+
+def _summary(cell: dict[str, Any]) -> None:
+    modes = cell["modes"]
+    parts = []
+    for name in ("compile", "builtin", "pass_auto", "pass_memory", "deploy"):
+        if name in modes:
+            r = modes[name]
+            parts.append(f"{name} {r['saved_bytes'] / 1e6:.1f} MB x{r.get('ratio', float('nan')):.2f}")
+    _log("    " + ", ".join(parts) + f"; noise ±{report.noise(cell) or float('nan'):.3f}")
+
+
+def _run_peak_rss(preset: Preset, modes: list[harness.Mode], results: dict[str, Any],
+                  out: pathlib.Path, budget: harness.Budget) -> None:
+    if preset.device != "cpu":
+        if preset.peak_rss:
+            _log("peak RSS is a CPU measurement; on CUDA every cell has the allocator peak")
+        return
+    for i, (model, batch, px) in enumerate(preset.peak_rss, 1):
+        what = f"peak RSS: {model} batch {batch}" + (f" at {px} px" if px else "")
+        _progress(i, len(preset.peak_rss), what, budget)
+        cell = next((c for c in results["cells"] if (c["model"], c["batch"]) == (model, batch)
+                     and (not px or c["input_shape"][-1] == px)), None)
+        if cell is None:
+            cell = {"model": model, "batch": batch, "modes": {}, "rss_only": True}
+            results["cells"].append(cell)
+        estimate = cell.get("max_first_s", 0.0)
+        for mode in modes:
+            if mode.twin or mode.name == "compile_again":
+                continue  # the same compiled code as the baseline
+            if not budget.allows(1.2 * estimate + 20):
+                results["skipped"].append(f"{what}, {mode.name}: time budget")
+                continue
+            rss = _spawn_worker(model, batch, px, mode.name, preset, budget)
+            estimate = max(estimate, rss.get("first_s", 0.0))
+            cell["modes"].setdefault(mode.name, {"mode": mode.name})["rss"] = rss
+            if "error" in rss:
+                _log(f"    {mode.name:<17} failed: {rss['error']}")
+            else:
+                _log(f"    {mode.name:<17} cold first call {rss['first_s']:.1f} s, step peak "
+                     f"{rss['step_peak_bytes'] / 1e6:.1f} MB, process peak "
+                     f"{rss['process_peak_bytes'] / 1e6:.0f} MB")
+            _save(results, out)
+
+
+def _spawn_worker(model: str, batch: int, px: int, mode: str, preset: Preset,
+                  budget: harness.Budget) -> dict[str, Any]:
+    spec = {"model": model, "batch": batch, "px": px, "mode": mode, "threads": preset.threads}
+    with tempfile.TemporaryDirectory(prefix="convbn_bench_rss_") as cache:
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, MALLOC_MMAP_THRESHOLD_="65536",
+                   MALLOC_TRIM_THRESHOLD_="0", PYTHONPATH=str(ROOT))
+        try:
+            done = subprocess.run([sys.executable, "-m", "benchmarks.run", "--worker",
+                                   json.dumps(spec)], cwd=ROOT, env=env, capture_output=True,
+                                  text=True, timeout=max(60.0, budget.left()))
+        except subprocess.TimeoutExpired:
+            return {"error": "timed out (time budget)"}
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        return {"error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
+    return json.loads(lines[-1])
+
+
+def _worker(spec_text: str) -> int:
+    spec = json.loads(spec_text)
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    settings = harness.Settings(px=spec["px"])
+    result = harness.peak_rss_worker(spec["model"], spec["batch"], spec["mode"], settings)
+    print(json.dumps(result))
+    return 0
+
+
+def _run_light(preset: Preset, modes: list[harness.Mode], results: dict[str, Any],
+               out: pathlib.Path, budget: harness.Budget) -> None:
+    for i, (model, batch, px) in enumerate(preset.light, 1):
+        what = f"light: {model} batch {batch}" + (f" at {px} px" if px else "")
+        _progress(i, len(preset.light), what, budget)
+        if budget.left() <= 0:
+            results["skipped"].append(f"{what}: time budget")
+            continue
+        try:
+            cell = harness.light_cell(model, batch, px, modes, preset.device)
+        except harness.Unavailable as exc:
+            results["skipped"].append(f"{what}: {exc}")
+            _log(f"    skipped {model}: {exc}")
+            continue
+        results["light"].append(cell)
+        _log("    " + ", ".join(f"{m} {r['saved_bytes'] / 1e6:.2f} MB"
+                                for m, r in cell["modes"].items()))
+        _save(results, out)
+
+
+def _run_blocks(preset: Preset, results: dict[str, Any], out: pathlib.Path,
+                budget: harness.Budget) -> None:
+    from . import blocks
+    for i, (model, batch, px) in enumerate(preset.blocks, 1):
+        _progress(i, len(preset.blocks), f"blocks: {model} batch {batch} at {px} px", budget)
+        found = blocks.measure_blocks(model, batch, _settings(preset, px), budget, _log)
+        results["blocks"] += found
+        for b in found:
+            tune = b["modes"].get("pass_memory", {})
+            _log(f"    {b['block']}: act/weight {b['act_over_weight']:.2f}, "
+                 f"Tune/Eval {tune.get('ratio', float('nan')):.3f}, noise ±{report.noise(b) or 0:.3f}")
+        _save(results, out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    if args.worker:
+        return _worker(args.worker)
+    if args.report_only:
+        path = args.report_only / "results.json"
+        if not path.exists():
+            _log(f"error: {path} does not exist")
+            return 2
+        written = report.write_all(json.loads(path.read_text()), args.report_only)
+        _log(f"wrote {', '.join(written)} in {args.report_only}")
+        return 0
+    try:
+        name, preset = _resolve(args)
+        modes = harness.modes_for(preset.modes or None)
+    except ValueError as exc:
+        _log(f"error: {exc}")
+        return 2
+    if preset.device.startswith("cuda") and not torch.cuda.is_available():
+        _log(f"error: device {preset.device} asked for, but CUDA is not available here")
+        return 2
+    if preset.threads:
+        torch.set_num_threads(preset.threads)
+    out = args.out or RESULTS / name
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python -m benchmarks.run " + shlex.join(argv)
+    (out / "command.txt").write_text(command + "\n")
+    results: dict[str, Any] = {
+        "preset": name, "about": preset.about, "command": command,
+        "settings": dataclasses.asdict(preset), "environment": harness.environment(),
+        "modes_about": {m.name: m.about for m in modes},
+        "started": datetime.datetime.now().isoformat(timespec="seconds"),
+        "cells": [], "light": [], "blocks": [], "skipped": [],
+    }
+    budget = harness.Budget(preset.budget)
+    _log(f"{command}\n{preset.about}; results in {out}")
+    torch._dynamo.config.recompile_limit = 64
+    torch._dynamo.config.accumulated_recompile_limit = 4096
+    _run_grid(preset, modes, results, out, budget)
+    _run_peak_rss(preset, modes, results, out, budget)
+    _run_light(preset, modes, results, out, budget)
+    _run_blocks(preset, results, out, budget)
+    results["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
+    results["elapsed_s"] = budget.elapsed()
+    _save(results, out)
+    written = report.write_all(results, out)
+    _log(f"done in {budget.elapsed():.0f} s; wrote results.json, command.txt, "
+         f"{', '.join(written)} in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

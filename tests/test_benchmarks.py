@@ -1,0 +1,69 @@
+"""The benchmark harness (benchmarks/): one light-backend cell end to end, the mode
+options, and the target logic. Inductor cells take minutes and are not run here."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+from benchmarks import harness, report, run  # noqa: E402
+
+
+def test_each_compiled_mode_has_its_own_backend_options():
+    """Equal options make equal backends, which share Dynamo graphs (DESIGN fact 7):
+    only the twin may equal the baseline."""
+    modes = harness.modes_for(list(harness.MODES))
+    options = {m.name: m.options() for m in modes if m.compiled}
+    assert options["compile_twin"] == options["compile"]
+    others = [name for name in options if name not in ("compile_twin", "deploy")]
+    for i, a in enumerate(others):
+        for b in others[i + 1:]:
+            assert options[a] != options[b], (a, b)
+    assert all(opts["fx_graph_cache"] is False for opts in options.values())
+
+
+def test_light_cell_end_to_end(tmp_path: pathlib.Path):
+    code = run.main(["--models", "resnet_tiny", "--batches", "2", "--px", "32", "--light",
+                     "--out", str(tmp_path)])
+    assert code == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    (cell,) = results["light"]
+    modes = cell["modes"]
+    assert modes["pass_memory"]["tuned"] == 12 and modes["builtin"]["builtin_rewrites"] == 12
+    assert modes["pass_memory"]["saved_bytes"] == modes["deploy"]["saved_bytes"]
+    assert modes["pass_keep_weight"]["saved_bytes"] > modes["pass_memory"]["saved_bytes"]
+    assert (tmp_path / "results.md").exists() and (tmp_path / "command.txt").exists()
+    assert "light backend" in (tmp_path / "results.md").read_text()
+
+
+def _cell(auto_bytes: int, auto_ratio: float, twin_ratio: float) -> dict:
+    def mode(saved: int, ratio: float, first: float = 10.0) -> dict:
+        return {"saved_bytes": saved, "ratio": ratio, "ratio_q1": ratio, "ratio_q3": ratio,
+                "first_s": first}
+    return {"model": "m", "batch": 1, "modes": {
+        "compile": mode(100, 1.0), "compile_twin": mode(100, twin_ratio),
+        "builtin": mode(120, 1.0), "deploy": mode(80, 1.0), "pass_memory": mode(80, 1.0),
+        "pass_auto": mode(auto_bytes, auto_ratio, first=10.5)}}
+
+
+@pytest.mark.parametrize("auto_bytes, auto_ratio, twin_ratio, failing", [
+    (90, 1.02, 0.97, []),                                     # slower, but within the noise
+    (90, 1.05, 0.98, ["auto_time"]),                          # slower beyond the noise
+    (110, 1.00, 1.00, ["auto_le_compile"]),                   # more bytes than the baseline
+    (125, 1.00, 1.00, ["auto_le_compile", "auto_le_builtin"]),
+])
+def test_auto_targets(auto_bytes, auto_ratio, twin_ratio, failing):
+    t = report.targets(_cell(auto_bytes, auto_ratio, twin_ratio))
+    assert t["memory_floor"] == (0.0, True)
+    assert t["compile_auto"][1]  # 10.5 s vs 10 s: within 10%
+    assert report._auto_fails(t) == failing
+
+
+def test_unknown_model_is_one_clear_error(capsys, tmp_path: pathlib.Path):
+    assert run.main(["--models", "nope", "--batches", "1", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown model 'nope'")

@@ -680,8 +680,7 @@ def _inspect(args: argparse.Namespace, progress: _Progress) -> tuple[dict[str, A
                                                                     list[_Graph]]:
     if args.out is not None:
         _make_out(args.out)
-    with progress.step(f"building {args.model} and running it once, eager"):
-        model, x = _prepare(args)
+    model, x = _prepare(args)  # bad input fails here, before any progress line
     baseline = _run(model.module, x, None, args, progress)
     tuned = _run(model.module, x, args.policy, args, progress)
     _check_distinct(baseline, tuned)

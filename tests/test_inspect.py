@@ -340,7 +340,7 @@ def test_a_baseline_that_ran_the_pass_is_refused() -> None:
 def test_bad_input(argv: list[str], message: str) -> None:
     # torchvision and timm do not import, whether or not they are installed.
     with _modules(torchvision=None, timm=None):
-        status, out, err = _run(*argv, "--quiet")
+        status, out, err = _run(*argv)  # without --quiet: no progress line either
     assert status == 2
     assert out == ""
     assert err.count("\n") == 1, err

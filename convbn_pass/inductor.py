@@ -75,18 +75,22 @@ class ConvBNPass(CustomGraphPass):
         return f"ConvBNPass(policy={self.policy!r}, before={self.before!r})"
 
 
-# The pass enable() installed, so that disable() restores what was there before.
-_installed: ConvBNPass | None = None
 # Dynamo's graph count when the pass was last switched off (or at import).
 _graphs_when_off = 0
 
 
 def _user_passes() -> tuple[Any, ...]:
-    """The passes in Inductor's pre_grad_custom_pass that are not ours."""
-    current = inductor_config.pre_grad_custom_pass
-    if isinstance(current, ConvBNPass):
-        return current.before
-    return get_custom_graph_passes(current)
+    """The passes in Inductor's pre_grad_custom_pass that are not ours, in order
+    (ours may sit there alone, or in a list the user extended)."""
+    passes: list[Any] = []
+    for p in get_custom_graph_passes(inductor_config.pre_grad_custom_pass):
+        passes.extend(p.before if isinstance(p, ConvBNPass) else (p,))
+    return tuple(passes)
+
+
+def _ours_installed() -> bool:
+    return any(isinstance(p, ConvBNPass)
+               for p in get_custom_graph_passes(inductor_config.pre_grad_custom_pass))
 
 
 def _graphs_compiled() -> int:
@@ -95,17 +99,16 @@ def _graphs_compiled() -> int:
 
 def is_enabled() -> bool:
     """Whether the global ``pre_grad_custom_pass`` currently runs this pass."""
-    return isinstance(inductor_config.pre_grad_custom_pass, ConvBNPass)
+    return _ours_installed()
 
 
 def enable(policy: str = "auto") -> None:
     """Run the pass in every later ``torch.compile`` (Inductor backend) of this process.
 
-    A pass the user already installed in ``pre_grad_custom_pass`` keeps running,
-    before this one, and comes back on :func:`disable`. Enabling again only
-    changes the options.
+    Passes the user installed in ``pre_grad_custom_pass`` (before or after an
+    earlier ``enable()``) keep running, in their order, before this one, and come
+    back on :func:`disable`. Enabling again changes only the options.
     """
-    global _installed
     new = ConvBNPass(policy, _user_passes())
     stale = _graphs_compiled() - _graphs_when_off
     if not is_enabled() and stale > 0:
@@ -118,18 +121,15 @@ def enable(policy: str = "auto") -> None:
             stacklevel=2,
         )
     inductor_config.pre_grad_custom_pass = new
-    _installed = new
 
 
 def disable() -> None:
     """Stop running the pass; restore the user's own pre-grad pass, if any."""
-    global _installed, _graphs_when_off
-    current = inductor_config.pre_grad_custom_pass
-    if isinstance(current, ConvBNPass):
-        before = current.before
+    global _graphs_when_off
+    if _ours_installed():
+        before = _user_passes()
         inductor_config.pre_grad_custom_pass = (
             None if not before else before[0] if len(before) == 1 else list(before))
-    _installed = None
     _graphs_when_off = _graphs_compiled()
 
 
@@ -137,13 +137,13 @@ def disable() -> None:
 def enabled(policy: str = "auto") -> Iterator[None]:
     """``with enabled(): model = torch.compile(model); model(x)`` (compile *and* the
     first call, which is when Dynamo compiles, must be inside)."""
-    global _installed, _graphs_when_off
-    saved = (inductor_config.pre_grad_custom_pass, _installed, _graphs_when_off)
+    global _graphs_when_off
+    saved = (inductor_config.pre_grad_custom_pass, _graphs_when_off)
     enable(policy)
     try:
         yield
     finally:
-        inductor_config.pre_grad_custom_pass, _installed, _graphs_when_off = saved
+        inductor_config.pre_grad_custom_pass, _graphs_when_off = saved
 
 
 def options(policy: str = "auto", **extra: Any) -> dict[str, Any]:

@@ -49,6 +49,8 @@ REASONS: dict[str, str] = {
     "channel_mismatch": "conv output channels differ from BatchNorm's",
     "custom_forward": "a module subclass overrides forward",
     "output_size": "ConvTranspose called with output_size",
+    "split_graph": "the conv is in another graph: DDP's bucket split (or a graph break) "
+    "separates it from its BatchNorm",
     "policy_eval": "the policy keeps this block in Eval mode",
 }
 
@@ -184,6 +186,7 @@ class Candidate:
     out_channels: int | None
     norm: str = "batch_norm"  # what follows the conv: "batch_norm" or "affine"
     out_dtype: torch.dtype | None = None  # the conv output's dtype, where recorded
+    stats_dtype: torch.dtype | None = None  # dtype of running_var (or the affine's scale)
 
     @property
     def op(self) -> str:
@@ -241,6 +244,13 @@ def _dtype(node: fx.Node) -> torch.dtype | None:
             return value.dtype
     tensor_meta = node.meta.get("tensor_meta")
     return getattr(tensor_meta, "dtype", None)
+
+
+def _arg_dtype(arg: Any, gm: torch.nn.Module | None) -> torch.dtype | None:
+    if isinstance(arg, str):
+        value = _fetch_attr(gm, arg)
+        return value.dtype if isinstance(value, torch.Tensor) else None
+    return _dtype(arg) if isinstance(arg, fx.Node) else None
 
 
 def _hint(size: Any) -> int | None:
@@ -475,6 +485,11 @@ def find_candidates(graph: fx.Graph) -> list[Candidate]:
             continue
         if not isinstance(source, fx.Node):
             continue
+        split_op = _split_source_op(source)
+        if split_op is not None and not isinstance(bn, str):
+            found.append(_rejected(source, node, None, module_path(source), module_path(node),
+                                   "split_graph", split_op))
+            continue
         conv = _read_conv(source, gm)
         if conv is None:
             continue
@@ -493,14 +508,31 @@ def find_candidates(graph: fx.Graph) -> list[Candidate]:
             out_channels=_out_channels(conv, gm),
             norm=bn.kind,
             out_dtype=_dtype(source),
+            stats_dtype=_arg_dtype(bn.running_var if bn.kind == "batch_norm" else bn.scale, gm),
         ))
     return found
 
 
+def _split_source_op(node: fx.Node) -> str | None:
+    """For an input of a graph split out of a larger one (DDP's bucketing uses
+    split_module, which keeps the producer's metadata on the new input): the op
+    kind if that producer was a conv/linear, else None."""
+    if node.op != "placeholder" or not node.meta.get("source_fn_stack"):
+        return None
+    producer = node.meta["source_fn_stack"][-1][1]
+    if isinstance(producer, type):
+        for cls, (name, _) in _CONV_MODULES.items():
+            if issubclass(producer, cls):
+                return name
+        return None
+    op = _FUNCTION_OPS.get(producer)
+    return op.name if op is not None and op.role == "conv" else None
+
+
 def _rejected(conv_node: fx.Node, bn_node: fx.Node, conv: ConvSite | None,
-              conv_path: str, bn_path: str, key: str) -> Candidate:
+              conv_path: str, bn_path: str, key: str, op: str | None = None) -> Candidate:
     """A candidate that could not even be read, kept so that it is reported."""
-    site = conv or ConvSite(conv_node, _op_name(conv_node), False, conv_node, None,
+    site = conv or ConvSite(conv_node, op or _op_name(conv_node), False, conv_node, None,
                             None, 1)
     bn = BNSite(bn_node, None, None, None, None, False, 0.0)
     return Candidate(site, bn, conv_path, bn_path, key, REASONS[key], None, None, None)

@@ -115,11 +115,13 @@ def rewrite_candidate(graph: fx.Graph, cand: Candidate, action: Action) -> fx.No
         else:
             bias = graph.call_function(tune.fuse_bias, (b, mean, scale, beta, w))
             new_nodes = (scale, weight, bias)
-        # Step (3): the conv itself, now with W′ and b′. A half-precision conv
-        # would round b′ (and the gradient of b′, hence of β and γ) to its
-        # dtype, where BatchNorm keeps them in float32: there b′ is added after
-        # the conv, in float32, and the sum cast back.
-        split_bias = bias is not None and cand.out_dtype in _HALF
+        # Step (3): the conv itself, now with W′ and b′. Under autocast a
+        # half-precision conv would round b′ (and the gradient of b′, hence of β
+        # and γ) to its dtype, where BatchNorm keeps them in float32: there b′ is
+        # added after the conv, in float32, and the sum cast back. (A model cast
+        # to half has half BatchNorm parameters: b′ stays in the conv.)
+        split_bias = (bias is not None and cand.out_dtype in _HALF
+                      and cand.stats_dtype not in _HALF)
         conv_bias = None if split_bias else bias
         if conv.module is None:
             bn.last.prepend(conv.node)

@@ -3,10 +3,14 @@
 ``torch.compile(model, backend=convbn_pass.backends.light(policy))`` runs the
 same rewrite as the Inductor pass on Dynamo's graph and then AOTAutograd with
 the min-cut partitioner Inductor uses, but executes the partitioned graphs
-eagerly. Forward, gradients and what is saved for backward are those of the
-rewritten graph, without Inductor's compile time: the test suite runs most of
-its numeric checks through it. ``policy=None`` gives the same backend without
-the pass, the fair baseline.
+eagerly. Forward and gradients are those of the rewritten graph, without
+Inductor's compile time: the test suite runs most of its numeric checks through
+it. ``policy=None`` gives the same backend without the pass, the fair baseline.
+
+Saved bytes are exact for this backend's graphs but differ from Inductor's:
+Inductor decomposes ops before partitioning and saves other tensors (ResNet-18,
+batch 8 at 160 px, no pass: 88.1 MB here, 115.4 MB under Inductor). Compare
+modes within one backend, never across.
 """
 
 from __future__ import annotations

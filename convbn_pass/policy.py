@@ -67,5 +67,5 @@ def decide(candidate: Candidate, policy: str) -> Choice:
         return Choice(Action.TUNE, "sizes unknown: tuned, which never keeps more than Eval")
     if act >= AUTO_RATIO * weight:
         return Choice(Action.TUNE, f"activation {act:,} >= weight {weight:,} elements")
-    return Choice(Action.EVAL, f"activation {act:,} < weight {weight:,} elements: "
+    return Choice(Action.EVAL, f"activation {act:,} < weight {weight:,} elements; "
                   "rebuilding W' would cost more than the BatchNorm it replaces")

@@ -44,12 +44,25 @@ def target_name(node: fx.Node) -> str:
         qualified = f"operator.{name}"
     else:
         qualified = f"{module}.{name}" if module else name
-    if target is torch.nn.functional.linear:
-        return "F.linear"
+    functional = _functional_names().get(id(target))
+    if functional is not None:  # also F.max_pool2d & co, built by boolean_dispatch
+        return f"F.{functional}"
     for prefix, short in _KNOWN_MODULES:
         if qualified.startswith(prefix):
             return short + qualified[len(prefix):]
     return qualified
+
+
+_F_NAMES: dict[int, str] = {}
+
+
+def _functional_names() -> dict[int, str]:
+    """id(function) → its public name in torch.nn.functional."""
+    if not _F_NAMES:
+        for name, value in vars(torch.nn.functional).items():
+            if callable(value) and not name.startswith("_"):
+                _F_NAMES.setdefault(id(value), name)
+    return _F_NAMES
 
 
 _ROOT = re.compile(r"^[a-z]+_(?=(?:modules|parameters|buffers)_)")

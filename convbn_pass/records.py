@@ -30,6 +30,7 @@ class Decision:
     weight_numel: int | None    # elements of the conv weight
     activation_numel: int | None  # elements of the conv output, for the traced batch
     norm: str = "batch_norm"    # what follows the conv: "batch_norm", or "affine" (frozen BN)
+    compile_id: str | None = None  # Dynamo's "frame/compile[_attempt]" ("0/0", "0/0_1"), if any
 
     @property
     def tuned(self) -> bool:
@@ -43,6 +44,18 @@ class Decision:
 _lock = threading.Lock()
 _log: list[Decision] = []
 _graph_ids = itertools.count(1)
+
+
+def current_compile_id() -> str | None:
+    """Dynamo's id of the compile in progress (attempt included), or None outside one.
+
+    A compile that Dynamo restarts runs the pass once per attempt; the records of
+    an abandoned attempt share the frame/compile with the final one and differ in
+    the attempt suffix.
+    """
+    from torch._guards import CompileContext
+    trace_id = CompileContext.current_trace_id()
+    return None if trace_id is None else str(trace_id)
 
 
 def next_graph_id() -> int:

@@ -33,7 +33,7 @@ from torch.utils.checkpoint import CheckpointPolicy
 from . import tune
 from .match import REASONS, Candidate, TensorArg, find_candidates
 from .policy import Action, check_policy, decide
-from .records import Decision, next_graph_id, record
+from .records import Decision, current_compile_id, next_graph_id, record
 
 __all__ = ["run", "rewrite_candidate"]
 
@@ -153,7 +153,7 @@ def rewrite_candidate(graph: fx.Graph, cand: Candidate, action: Action) -> fx.No
 def run(graph: fx.Graph, policy: str = "auto") -> list[Decision]:
     """Find, decide and rewrite every candidate of ``graph``; record each decision."""
     check_policy(policy)
-    graph_id = next_graph_id()
+    graph_id, compile_id = next_graph_id(), current_compile_id()
     candidates = find_candidates(graph)
     decisions: list[Decision] = []
     for cand in candidates:
@@ -163,13 +163,13 @@ def run(graph: fx.Graph, policy: str = "auto") -> list[Decision]:
             choice = decide(cand, policy)
             if choice.action is Action.EVAL:
                 action, reason = "skip", "policy_eval"
-                detail = f"{REASONS['policy_eval']}: {choice.detail}"
+                detail = f"{REASONS['policy_eval']} ({choice.detail})"
             else:
                 rewrite_candidate(graph, cand, choice.action)
                 action, reason, detail = choice.action.value, "tuned", choice.detail
         decision = Decision(graph_id, cand.conv_path, cand.bn_path, cand.op, action,
                             reason, detail, cand.weight_numel, cand.activation_numel,
-                            cand.norm)
+                            cand.norm, compile_id)
         record(decision)
         decisions.append(decision)
     if any(d.tuned for d in decisions):

@@ -47,7 +47,7 @@ def forward(conv.weight, conv.bias, x, bn.running_mean, bn.running_var, bn.weigh
     bn_scale = tune.bn_scale(bn.running_var, bn.weight, 1e-05)  # recompute
     scale_weight = tune.scale_weight(conv.weight, bn_scale)  # recompute
     fuse_bias = tune.fuse_bias(conv.bias, bn.running_mean, bn_scale, bn.bias, conv.weight)  # recompute
-    y = torch.conv2d(x, scale_weight, fuse_bias, (1, 1), (1, 1), (1, 1), 1)
+    y = F.conv2d(x, scale_weight, fuse_bias, (1, 1), (1, 1), (1, 1), 1)
     out = torch.relu(y)
     return (out,)
 """)
@@ -60,7 +60,7 @@ def forward(conv.weight, x, bn.running_mean, bn.running_var, bn.weight, bn.bias)
     bn_scale = tune.bn_scale(bn.running_var, bn.weight, 1e-05)  # recompute
     scale_weight = tune.scale_weight(conv.weight, bn_scale)  # recompute
     fuse_bias = tune.fuse_bias(None, bn.running_mean, bn_scale, bn.bias, conv.weight)  # recompute
-    y = torch.conv2d(x, scale_weight, fuse_bias, (2, 2), (0, 0), (1, 1), 1)
+    y = F.conv2d(x, scale_weight, fuse_bias, (2, 2), (0, 0), (1, 1), 1)
     out = torch.relu(y)
     return (out,)
 """)
@@ -74,7 +74,7 @@ def forward(conv.weight, conv.bias, x, bn.running_mean, bn.running_var, bn.weigh
     bn_scale = tune.bn_scale(bn.running_var, bn.weight, 1e-05)  # recompute
     scale_weight = tune.scale_weight(conv.weight, bn_scale, transposed=True, groups=2)  # recompute
     fuse_bias = tune.fuse_bias(conv.bias, bn.running_mean, bn_scale, bn.bias, conv.weight)  # recompute
-    y = torch.conv_transpose2d(x, scale_weight, fuse_bias, (2, 2), (0, 0), (0, 0), 2, (1, 1))
+    y = F.conv_transpose2d(x, scale_weight, fuse_bias, (2, 2), (0, 0), (0, 0), 2, (1, 1))
     out = torch.relu(y)
     return (out,)
 """)
@@ -95,7 +95,7 @@ def forward(conv.weight, conv.bias, x, bn.running_mean, bn.running_var):
         self.assertExpectedInline(
             rewritten(nn.Conv2d(4, 6, 3), nn.BatchNorm2d(6), (2, 4, 8, 8), reuse=True), """\
 def forward(conv.weight, conv.bias, x, bn.running_mean, bn.running_var, bn.weight, bn.bias):
-    y = torch.conv2d(x, conv.weight, conv.bias, (1, 1), (0, 0), (1, 1), 1)
+    y = F.conv2d(x, conv.weight, conv.bias, (1, 1), (0, 0), (1, 1), 1)
     batch_norm = F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.1, 1e-05)
     out = torch.relu(batch_norm)
     add = operator.add(out, y)

@@ -117,14 +117,14 @@ Candidate pairs: 12
   2   layer1.0.conv1 -> layer1.0.bn1                  conv2d  tune      tuned        activation 2,048 >= weight 576 elements
   3   layer1.0.conv2 -> layer1.0.bn2                  conv2d  tune      tuned        activation 2,048 >= weight 576 elements
   4   layer2.0.downsample.0 -> layer2.0.downsample.1  conv2d  tune      tuned        activation 1,024 >= weight 128 elements
-  5   layer2.0.conv1 -> layer2.0.bn1                  conv2d  skip      policy_eval  the policy keeps this block in Eval mode: activation 1,024 < weight 1,152 elements: rebuilding W' would cost more than the BatchNorm it replaces
-  6   layer2.0.conv2 -> layer2.0.bn2                  conv2d  skip      policy_eval  the policy keeps this block in Eval mode: activation 1,024 < weight 2,304 elements: rebuilding W' would cost more than the BatchNorm it replaces
+  5   layer2.0.conv1 -> layer2.0.bn1                  conv2d  skip      policy_eval  the policy keeps this block in Eval mode (activation 1,024 < weight 1,152 elements; rebuilding W' would cost more than the BatchNorm it replaces)
+  6   layer2.0.conv2 -> layer2.0.bn2                  conv2d  skip      policy_eval  the policy keeps this block in Eval mode (activation 1,024 < weight 2,304 elements; rebuilding W' would cost more than the BatchNorm it replaces)
   7   layer3.0.downsample.0 -> layer3.0.downsample.1  conv2d  tune      tuned        activation 512 >= weight 512 elements
-  8   layer3.0.conv1 -> layer3.0.bn1                  conv2d  skip      policy_eval  the policy keeps this block in Eval mode: activation 512 < weight 4,608 elements: rebuilding W' would cost more than the BatchNorm it replaces
-  9   layer3.0.conv2 -> layer3.0.bn2                  conv2d  skip      policy_eval  the policy keeps this block in Eval mode: activation 512 < weight 9,216 elements: rebuilding W' would cost more than the BatchNorm it replaces
-  10  layer4.0.downsample.0 -> layer4.0.downsample.1  conv2d  skip      policy_eval  the policy keeps this block in Eval mode: activation 256 < weight 2,048 elements: rebuilding W' would cost more than the BatchNorm it replaces
-  11  layer4.0.conv1 -> layer4.0.bn1                  conv2d  skip      policy_eval  the policy keeps this block in Eval mode: activation 256 < weight 18,432 elements: rebuilding W' would cost more than the BatchNorm it replaces
-  12  layer4.0.conv2 -> layer4.0.bn2                  conv2d  skip      policy_eval  the policy keeps this block in Eval mode: activation 256 < weight 36,864 elements: rebuilding W' would cost more than the BatchNorm it replaces
+  8   layer3.0.conv1 -> layer3.0.bn1                  conv2d  skip      policy_eval  the policy keeps this block in Eval mode (activation 512 < weight 4,608 elements; rebuilding W' would cost more than the BatchNorm it replaces)
+  9   layer3.0.conv2 -> layer3.0.bn2                  conv2d  skip      policy_eval  the policy keeps this block in Eval mode (activation 512 < weight 9,216 elements; rebuilding W' would cost more than the BatchNorm it replaces)
+  10  layer4.0.downsample.0 -> layer4.0.downsample.1  conv2d  skip      policy_eval  the policy keeps this block in Eval mode (activation 256 < weight 2,048 elements; rebuilding W' would cost more than the BatchNorm it replaces)
+  11  layer4.0.conv1 -> layer4.0.bn1                  conv2d  skip      policy_eval  the policy keeps this block in Eval mode (activation 256 < weight 18,432 elements; rebuilding W' would cost more than the BatchNorm it replaces)
+  12  layer4.0.conv2 -> layer4.0.bn2                  conv2d  skip      policy_eval  the policy keeps this block in Eval mode (activation 256 < weight 36,864 elements; rebuilding W' would cost more than the BatchNorm it replaces)
 
 totals    12 candidates: 5 tuned (5 rebuild W' in backward, 0 keep W'), 7 skipped (policy_eval 7)
 counters  torch._dynamo.utils.counters["convbn_pass"]: skipped_policy_eval=7, tuned=5
@@ -162,10 +162,10 @@ Activation memory saved for backward, one forward/backward step, light backend:
 
 Graph 1 of 1, before the pass:
 def forward(0.weight, args_0, 1.running_mean, 1.running_var, 1.weight, 1.bias, 3.weight, 3.bias, 4.running_mean, 4.running_var, 4.weight, 4.bias):
-    input_1 = torch.conv2d(args_0, 0.weight, None, (1, 1), (1, 1), (1, 1), 1)
+    input_1 = F.conv2d(args_0, 0.weight, None, (1, 1), (1, 1), (1, 1), 1)
     input_2 = F.batch_norm(input_1, 1.running_mean, 1.running_var, 1.weight, 1.bias, False, 0.1, 1e-05)
     input_3 = F.relu(input_2, inplace=False)
-    input_4 = torch.conv2d(input_3, 3.weight, 3.bias, (1, 1), (0, 0), (1, 1), 1)
+    input_4 = F.conv2d(input_3, 3.weight, 3.bias, (1, 1), (0, 0), (1, 1), 1)
     input_5 = F.batch_norm(input_4, 4.running_mean, 4.running_var, 4.weight, 4.bias, False, 0.1, 1e-05)
     return (input_5,)
 
@@ -174,12 +174,12 @@ def forward(0.weight, args_0, 1.running_mean, 1.running_var, 1.weight, 1.bias, 3
     bn_scale = tune.bn_scale(1.running_var, 1.weight, 1e-05)  # recompute
     scale_weight = tune.scale_weight(0.weight, bn_scale)  # recompute
     fuse_bias = tune.fuse_bias(None, 1.running_mean, bn_scale, 1.bias, 0.weight)  # recompute
-    input_1 = torch.conv2d(args_0, scale_weight, fuse_bias, (1, 1), (1, 1), (1, 1), 1)
+    input_1 = F.conv2d(args_0, scale_weight, fuse_bias, (1, 1), (1, 1), (1, 1), 1)
     input_3 = F.relu(input_1, inplace=False)
     bn_scale_1 = tune.bn_scale(4.running_var, 4.weight, 1e-05)  # recompute
     scale_weight_1 = tune.scale_weight(3.weight, bn_scale_1)  # recompute
     fuse_bias_1 = tune.fuse_bias(3.bias, 4.running_mean, bn_scale_1, 4.bias, 3.weight)  # recompute
-    input_4 = torch.conv2d(input_3, scale_weight_1, fuse_bias_1, (1, 1), (0, 0), (1, 1), 1)
+    input_4 = F.conv2d(input_3, scale_weight_1, fuse_bias_1, (1, 1), (0, 0), (1, 1), 1)
     return (input_4,)
 """)
 

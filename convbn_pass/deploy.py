@@ -39,8 +39,9 @@ def pairs(model: nn.Module, *example_inputs: Any) -> list[tuple[str, str]]:
         for node in gm.graph.nodes:
             if node.op in ("call_function", "call_module"):
                 calls[module_path(node)] += 1
+        # A frozen BN (per-channel affine) has no module form to fold from here.
         found += [(c.conv_path, c.bn_path) for c in find_candidates(gm.graph)
-                  if c.reject is None]
+                  if c.reject is None and c.norm == "batch_norm"]
     # A module called more than once cannot be folded for one call only.
     return [(conv, bn) for conv, bn in found if calls[conv] == 1 and calls[bn] == 1]
 

@@ -4,7 +4,10 @@ The ``auto`` policy tunes a block when its conv output has at least
 ``AUTO_RATIO`` times as many elements as its weight. Whether that is the right
 line is a question about single blocks: how much slower (or faster) is a block
 in Tune mode (W′ rebuilt in backward) than in Eval mode, as a function of
-activation elements / weight elements? This module cuts every distinct block
+activation elements / weight elements, or of output positions N·H·W (the conv's
+multiply-adds per weight element: the weight-side work of Tune mode is a few
+passes over the weight, so its cost relative to a compute-bound conv goes as
+1 / (N·H·W))? This module cuts every distinct block
 out of a model (same conv, same BatchNorm, same input shape, followed by a ReLU
 as in the zoo's ReLU networks), and measures each one with the harness: modes
 ``compile`` (Eval), ``pass_memory`` (Tune, W′ rebuilt), ``pass_keep_weight``
@@ -25,7 +28,7 @@ from . import harness
 
 __all__ = ["BLOCK_MODES", "model_blocks", "measure_blocks"]
 
-BLOCK_MODES = ["compile", "compile_twin", "pass_memory", "pass_keep_weight"]
+BLOCK_MODES = ["compile", "compile_twin", "pass_memory"]
 
 
 def _describe(conv: nn.Module) -> str:
@@ -71,11 +74,14 @@ def model_blocks(model_name: str, batch: int, px: int,
             found[key]["paths"].append(conv_path)
             continue
         with torch.no_grad():
-            out_numel = conv(torch.zeros(in_shape)).numel()
+            out = conv(torch.zeros(in_shape))
+        channels = out.shape[1]
         found[key] = {
             "block": _describe(conv), "input_shape": list(in_shape), "count": 1,
             "paths": [conv_path], "weight_numel": conv.weight.numel(),
-            "activation_numel": out_numel,
+            "activation_numel": out.numel(),
+            # Output positions N·H·W = MACs / weight elements, for every conv kind.
+            "positions": out.numel() // channels,
             "modules": (conv, model.get_submodule(bn_path)),
         }
     return list(found.values())
@@ -102,7 +108,7 @@ def measure_blocks(model_name: str, batch: int, settings: harness.Settings,
         measured = harness.measure_module(module, x, settings, modes, budget, log, estimate)
         estimate = max(estimate, measured.get("max_first_s", 0.0))
         auto = "tune" if ratio >= policy.AUTO_RATIO else "eval"
-        results.append({"model": model_name, "batch": batch, **block,
+        results.append({"model": model_name, "batch": batch, "px": settings.px, **block,
                         "act_over_weight": ratio, "auto_action": auto, **measured})
         torch._dynamo.reset()
     return results

@@ -28,7 +28,9 @@ import contextlib
 import copy
 import dataclasses
 import gc
+import math
 import os
+import resource
 import shutil
 import statistics
 import tempfile
@@ -45,7 +47,7 @@ from convbn_pass.records import COUNTER
 
 __all__ = ["Mode", "MODES", "modes_for", "Settings", "Budget", "Unavailable", "build_model",
            "measure_cell", "measure_module", "light_cell", "peak_rss_worker", "train_step",
-           "environment"]
+           "weight_shaped_bytes", "warm_up_compiler", "environment"]
 
 BUILTIN_COUNTER = "efficient_conv_bn_eval"  # counters["inductor"][...] of PyTorch's pass
 BASE_OPTIONS: dict[str, Any] = {"fx_graph_cache": False}  # so that every pass runs every time
@@ -60,11 +62,12 @@ class Mode:
     builtin: bool = False         # PyTorch's efficient_conv_bn_eval pass
     deploy: bool = False          # BatchNorm folded into the conv once
     twin: bool = False            # a second instance of the baseline: measures noise
+    extra: tuple[tuple[str, Any], ...] = ()  # further Inductor options
 
     def options(self) -> dict[str, Any]:
         """This mode's ``torch.compile`` options. Equal dicts make equal backends,
         which Dynamo lets share graphs: only the twin is meant to share."""
-        opts = dict(BASE_OPTIONS)
+        opts = dict(BASE_OPTIONS, **dict(self.extra))
         if self.name == "compile_again":
             opts["trace.enabled"] = False  # the default value: same code, another backend
         if self.builtin:
@@ -89,6 +92,17 @@ def _modes() -> dict[str, Mode]:
     ]
     found += [Mode(f"pass_{policy}", f"torch.compile with convbn_pass, policy {policy!r}",
                    policy=policy) for policy in convbn_pass.POLICIES]
+    # Inductor's layout optimisation turned off: it saves a channels-last copy of every
+    # conv weight for backward (see NOTES.md). Asked for by name.
+    no_layout = (("layout_optimization", False),)
+    found += [
+        Mode("compile_nolayout", "compile without a pass, layout_optimization=False",
+             extra=no_layout),
+        Mode("pass_memory_nolayout", "convbn_pass 'memory', layout_optimization=False",
+             policy="memory", extra=no_layout),
+        Mode("deploy_nolayout", "Deploy mode, layout_optimization=False", deploy=True,
+             extra=no_layout),
+    ]
     return {mode.name: mode for mode in found}
 
 
@@ -97,7 +111,8 @@ MODES: dict[str, Mode] = _modes()
 # whose time budget ends inside a cell still has the baseline, auto and the floor.
 PRIORITY = ["eager", "compile", "compile_twin", "pass_auto", "deploy", "builtin",
             "pass_memory", "pass_keep_weight", "compile_again"]
-# compile_again costs a full compile and only measures noise: asked for by name.
+# compile_again costs a full compile and only measures noise: asked for by name, as
+# are the *_nolayout modes.
 DEFAULT_MODES = [name for name in PRIORITY if name != "compile_again"]
 
 
@@ -121,6 +136,7 @@ class Settings:
     rounds: int = 6              # round-robin rounds (fewer if time_per_cell runs out, >= 3)
     steps: int = 2               # timed steps per mode per round
     time_per_cell: float = 120.0  # seconds of timed steps per cell, at most
+    min_round_s: float = 0.05    # per mode per round: more steps when a step is shorter
     fresh_kernel_cache: bool = True  # each compile in its own empty Inductor cache dir
     seed: int = 0
 
@@ -212,6 +228,15 @@ def _timed_step(fn: Callable[..., Any], model: nn.Module, x: torch.Tensor,
     return elapsed
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and its reaped children (the C++ compiler when
+    Inductor compiles in-process, ``compile_threads=1``): unlike wall time, it does
+    not grow when other jobs share the machine."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 @contextlib.contextmanager
 def _kernel_cache(fresh: bool) -> Iterator[None]:
     """An empty Inductor cache directory for one compile, so that no mode reuses
@@ -263,11 +288,13 @@ def _prepare(mode: Mode, base: nn.Module, x: torch.Tensor, settings: Settings,
         fn = torch.compile(model, options=mode.options(), dynamic=False)
     _clear_rewrite_counters()
     graphs_before = _counts()["graphs"]
+    cpu_before = cpu_seconds()
     with _kernel_cache(settings.fresh_kernel_cache and mode.compiled and not mode.twin):
         first = _timed_step(fn, model, x, settings.device)
     result: dict[str, Any] = {
         "mode": mode.name,
         "first_s": first,
+        "first_cpu_s": cpu_seconds() - cpu_before,
         "new_graphs": _counts()["graphs"] - graphs_before,
         "tuned": int(counters[COUNTER]["tuned"]),
         "tuned_keep_weight": int(counters[COUNTER]["tuned_keep_weight"]),
@@ -282,11 +309,35 @@ def _prepare(mode: Mode, base: nn.Module, x: torch.Tensor, settings: Settings,
     return _Instance(mode, model, fn, result)
 
 
+def weight_shaped_bytes(fn: Callable[..., Any], model: nn.Module, x: torch.Tensor) -> int:
+    """Of what ``fn(x)`` saves for backward (parameters, buffers and ``x`` excluded, as
+    convbn_pass.memory does), the bytes of tensors shaped like one of the model's
+    weights: copies of weights (Inductor's channels-last layout copies) and W′ kept
+    for backward. The rest is activations proper."""
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), x]}
+    shapes = {tuple(p.shape) for p in model.parameters() if p.dim() >= 2}
+    found: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        ptr = tensor.untyped_storage().data_ptr()
+        if ptr not in own and tuple(tensor.shape) in shapes:
+            found[ptr] = max(found.get(ptr, 0), tensor.untyped_storage().nbytes())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(x)
+    _loss(out).backward()
+    for p in model.parameters():
+        p.grad = None
+    return sum(found.values())
+
+
 def _measure_memory(inst: _Instance, x: torch.Tensor, settings: Settings) -> None:
     graphs_before = _counts()["graphs"]
     inst.result["saved_bytes"] = memory.saved_activation_bytes(inst.fn, inst.model, x)
     for p in inst.model.parameters():
         p.grad = None
+    inst.result["weight_shaped_bytes"] = weight_shaped_bytes(inst.fn, inst.model, x)
     inst.result["recompiled_while_measuring"] = _counts()["graphs"] - graphs_before
     if settings.device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -332,9 +383,13 @@ def _time_round_robin(instances: list[_Instance], x: torch.Tensor, settings: Set
     """Warm up, then time ``settings.steps`` steps of every mode per round, rotating
     which mode goes first each round; stops early (after 3 rounds) past
     ``settings.time_per_cell``."""
+    warm = []
     for inst in instances:
-        for _ in range(settings.warmup):
+        for _ in range(settings.warmup - 1):
             train_step(inst.fn, inst.model, x)
+        warm.append(_timed_step(inst.fn, inst.model, x, settings.device))
+    # Short steps are timed in longer runs, so that timer and scheduler noise stay small.
+    n_steps = max(settings.steps, math.ceil(settings.min_round_s / max(min(warm), 1e-6)))
     per_round: dict[str, list[float]] = {inst.mode.name: [] for inst in instances}
     steps: dict[str, list[float]] = {inst.mode.name: [] for inst in instances}
     start = time.monotonic()
@@ -342,13 +397,13 @@ def _time_round_robin(instances: list[_Instance], x: torch.Tensor, settings: Set
         shift = r % len(instances)
         for inst in instances[shift:] + instances[:shift]:
             times = [_timed_step(inst.fn, inst.model, x, settings.device)
-                     for _ in range(settings.steps)]
+                     for _ in range(n_steps)]
             steps[inst.mode.name] += times
             per_round[inst.mode.name].append(statistics.fmean(times))
         if r + 1 >= 3 and time.monotonic() - start > settings.time_per_cell:
             break
     rounds = len(per_round["compile"])
-    log(f"    timed {rounds} round(s) x {settings.steps} step(s) per mode "
+    log(f"    timed {rounds} round(s) x {n_steps} step(s) per mode "
         f"in {time.monotonic() - start:.0f} s")
     base = per_round["compile"]
     for inst in instances:
@@ -357,7 +412,7 @@ def _time_round_robin(instances: list[_Instance], x: torch.Tensor, settings: Set
         ratios = [t / b for t, b in zip(per_round[name], base)]
         r1, rmed, r3 = _quartiles(ratios)
         inst.result.update({
-            "steps_s": steps[name], "rounds": rounds,
+            "steps_s": steps[name], "rounds": rounds, "steps_per_round": n_steps,
             "median_s": med, "q1_s": q1, "q3_s": q3,
             "ratio": rmed, "ratio_q1": r1, "ratio_q3": r3,
             "compile_s": inst.result["first_s"] - med,
@@ -393,10 +448,17 @@ def measure_module(base: nn.Module, x: torch.Tensor, settings: Settings,
                 f"a compile takes about {estimate:.0f} s")
             cell["skipped_modes"].append(mode.name)
             continue
-        inst = _prepare(mode, base, x, settings, log)
+        try:
+            inst = _prepare(mode, base, x, settings, log)
+            _measure_memory(inst, x, settings)
+        except Exception as exc:  # one failing mode must not lose the cell (unattended runs)
+            message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            log(f"    {mode.name:<17} FAILED: {message}")
+            cell.setdefault("mode_errors", {})[mode.name] = message
+            _free(settings.device)
+            continue
         if mode.compiled and not mode.twin:
             estimate = max(estimate, inst.result["first_s"])
-        _measure_memory(inst, x, settings)
         instances.append(inst)
     cell["max_first_s"] = estimate
     if not any(i.mode.name == "compile" for i in instances):
@@ -418,6 +480,12 @@ def measure_module(base: nn.Module, x: torch.Tensor, settings: Settings,
     return cell
 
 
+def _free(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
 def _cell_checks(cell: dict[str, Any], log: Log) -> None:
     """Modes that should differ from the baseline in saved bytes but do not."""
     modes = cell["modes"]
@@ -432,6 +500,26 @@ def _cell_checks(cell: dict[str, Any], log: Log) -> None:
     cell["notes"] = notes
     for note in notes:
         log(f"    NOTE {note}")
+
+
+def warm_up_compiler(device: str, fresh_kernel_cache: bool, log: Log) -> None:
+    """Compile a small conv-BN net once in every compiled mode before measuring, so
+    that one-time costs of the process (imports, Inductor's start-up, the compile
+    worker pool, the pattern matcher's set-up) are not billed to whichever mode
+    compiles first."""
+    start = time.monotonic()
+    torch.manual_seed(0)
+    net = zoo.randomize_bn(nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Flatten(), nn.Linear(8 * 8 * 8, 4))).eval().to(device)
+    x = torch.randn(2, 3, 8, 8, device=device)
+    for mode in modes_for(["compile", "builtin", "pass_memory", "deploy"]):
+        model = deploy.fold(net, x) if mode.deploy else copy.deepcopy(net)
+        with _kernel_cache(fresh_kernel_cache):
+            train_step(torch.compile(model, options=mode.options(), dynamic=False), model, x)
+    torch._dynamo.reset()
+    convbn_pass.clear_decisions()
+    log(f"compiler warmed up in {time.monotonic() - start:.0f} s (not measured)")
 
 
 # --- the light sweep: saved bytes only, no Inductor ------------------------------------
@@ -480,6 +568,7 @@ def light_cell(model_name: str, batch: int, px: int, mode_list: list[Mode],
         if mode.policy is not None:
             result["blocks"] = _blocks()
         result["saved_bytes"] = memory.saved_activation_bytes(fn, model, x)
+        result["weight_shaped_bytes"] = weight_shaped_bytes(fn, model, x)
         cell["modes"][mode.name] = result
     torch._dynamo.reset()
     gc.collect()
@@ -500,6 +589,7 @@ def environment() -> dict[str, Any]:
         env["gpu"] = torch.cuda.get_device_name()
         env["cudnn_tf32"] = torch.backends.cudnn.allow_tf32
         env["matmul_tf32"] = torch.backends.cuda.matmul.allow_tf32
+    env["git"] = _git_state()
     for package in ("torchvision", "timm"):
         try:
             env[package] = __import__(package).__version__
@@ -542,7 +632,9 @@ def peak_rss_worker(model_name: str, batch: int, mode_name: str,
     fn: Callable[..., Any] = model
     if mode.compiled:
         fn = torch.compile(model, options=mode.options(), dynamic=False)
+    cpu_before = cpu_seconds()
     first = _timed_step(fn, model, x, "cpu")
+    first_cpu = cpu_seconds() - cpu_before
     for _ in range(max(settings.warmup, 1)):
         train_step(fn, model, x)
     gc.collect()
@@ -551,5 +643,20 @@ def peak_rss_worker(model_name: str, batch: int, mode_name: str,
     _reset_peak_rss()
     train_step(fn, model, x)
     step_peak = _status_bytes("VmHWM")
-    return {"first_s": first, "process_peak_bytes": max(process_peak, step_peak),
+    return {"first_s": first, "first_cpu_s": first_cpu,
+            "process_peak_bytes": max(process_peak, step_peak),
             "before_step_bytes": before, "step_peak_bytes": step_peak - before}
+
+
+def _git_state() -> str:
+    """The commit measured, and whether convbn_pass/ had uncommitted changes."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(convbn_pass.__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "convbn_pass"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + (" + uncommitted changes in convbn_pass/" if dirty else "")

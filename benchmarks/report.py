@@ -18,9 +18,21 @@ __all__ = ["targets", "markdown", "csv_rows", "write_all", "TABLE_MODES"]
 MB = 1e6
 # Column order of the tables.
 TABLE_MODES = ["eager", "compile", "compile_twin", "compile_again", "builtin", "pass_auto",
-               "pass_memory", "pass_keep_weight", "deploy"]
+               "pass_memory", "pass_keep_weight", "deploy", "compile_nolayout",
+               "pass_memory_nolayout", "deploy_nolayout"]
 PLOT_MODES = ["eager", "compile", "builtin", "pass_auto", "pass_memory", "pass_keep_weight",
               "deploy"]
+# Modes that often coincide (memory = deploy, keep_weight = builtin) get different
+# markers and line styles so that both stay visible.
+STYLE: dict[str, dict[str, Any]] = {
+    "eager": dict(color="tab:gray", marker="s", ls=":"),
+    "compile": dict(color="black", marker="o", ls="-"),
+    "builtin": dict(color="tab:orange", marker="^", ls="-", ms=8),
+    "pass_keep_weight": dict(color="tab:purple", marker="v", ls="--", ms=6),
+    "pass_auto": dict(color="tab:green", marker="D", ls="-"),
+    "pass_memory": dict(color="tab:red", marker="o", ls="-", ms=8),
+    "deploy": dict(color="tab:blue", marker="x", ls="--", ms=8),
+}
 FLOOR_TOLERANCE = 0.01   # memory policy: within 1% of Deploy mode
 COMPILE_TOLERANCE = 0.10  # compile time with the pass: within 10% of without
 
@@ -64,14 +76,27 @@ def targets(cell: dict[str, Any]) -> dict[str, Any]:
     ratio, band = got("pass_auto", "ratio"), noise(cell)
     if ratio is not None and band is not None:
         out["auto_time"] = (ratio, band, ratio <= 1.0 + band)
+    source, times = compile_times(cell)
+    out["compile_source"] = source
+    c_base = times.get("compile")
     for policy in ("auto", "memory", "keep_weight"):
-        c_pass, c_base = got(f"pass_{policy}", "first_s"), got("compile", "first_s")
+        c_pass = times.get(f"pass_{policy}")
         if c_pass is not None and c_base:
             out[f"compile_{policy}"] = (c_pass / c_base, c_pass <= (1 + COMPILE_TOLERANCE) * c_base)
-    again = got("compile_again", "first_s")
-    if again is not None and got("compile", "first_s"):
-        out["compile_noise"] = again / got("compile", "first_s") - 1.0
+    if times.get("compile_again") is not None and c_base:
+        out["compile_noise"] = times["compile_again"] / c_base - 1.0
     return out
+
+
+def compile_times(cell: dict[str, Any]) -> tuple[str, dict[str, float]]:
+    """The fairest compile times a cell has: CPU seconds of a cold first call in a fresh
+    process per mode (``--peak-rss``), else the in-process first call's wall time."""
+    modes = cell["modes"]
+    fresh = {m: r["rss"]["first_cpu_s"] for m, r in modes.items()
+             if "first_cpu_s" in r.get("rss", {})}
+    if "compile" in fresh:
+        return "fresh process, CPU s", fresh
+    return "in-process, wall s", {m: r["first_s"] for m, r in modes.items() if "first_s" in r}
 
 
 def _auto_fails(t: dict[str, Any]) -> list[str]:
@@ -102,7 +127,7 @@ def _present(cells: list[dict[str, Any]], key: str = "saved_bytes") -> list[str]
     return [m for m in TABLE_MODES if any(key in c["modes"].get(m, {}) for c in cells)]
 
 
-def _targets_section(cells: list[dict[str, Any]]) -> list[str]:
+def _targets_section(cells: list[dict[str, Any]], fresh: bool) -> list[str]:
     lines = ["## Targets", "",
              "- **memory floor**: `pass_memory` activation bytes within 1% of `deploy`.",
              "- **auto ≤ compile / ≤ builtin**: `pass_auto` activation bytes no higher than "
@@ -112,10 +137,12 @@ def _targets_section(cells: list[dict[str, Any]]) -> list[str]:
              "its ratio IQR, whichever is larger).",
              "- **compile**: first-call time of the pass modes within 10% of `compile`'s "
              "(ratio shown; `compile_again`, where run, is the baseline compiled twice: "
-             "its excess is the compile noise).", ""]
+             "its excess is the compile noise). Taken from fresh processes (CPU seconds of "
+             "a cold first call, no order effects) where `--peak-rss` measured the cell, "
+             "else from the in-process first call's wall time: " + _cache_note(fresh), ""]
     header = ["model", "batch", "size", "memory floor", "auto ≤ compile", "auto ≤ builtin",
               "auto time (noise)", "compile auto", "compile memory", "compile keep_weight",
-              "compile noise"]
+              "compile noise", "compile figures"]
     rows = []
     for cell in cells:
         t = targets(cell)
@@ -135,6 +162,7 @@ def _targets_section(cells: list[dict[str, Any]]) -> list[str]:
             key = f"compile_{policy}"
             row.append(f"{_mark(t[key][1])} {t[key][0]:.2f}" if key in t else "–")
         row.append(f"{t['compile_noise'] * 100:+.1f}%" if "compile_noise" in t else "–")
+        row.append(t["compile_source"])
         rows.append(row)
     return lines + _table(header, rows)
 
@@ -158,6 +186,30 @@ def _memory_section(cells: list[dict[str, Any]]) -> list[str]:
     return lines + _table(header, rows)
 
 
+def _weight_section(cells: list[dict[str, Any]]) -> list[str]:
+    modes = [m for m in _present(cells, "weight_shaped_bytes")
+             if m not in ("compile_twin", "compile_again")]
+    if not modes:
+        return []
+    lines = ["### Of these, weight-shaped tensors (MB) / activations proper (MB)", "",
+             "Saved tensors shaped like a model weight that are not the parameter itself: "
+             "copies of weights (Inductor's layout optimisation saves a channels-last copy of "
+             "each conv weight for backward) and W′ where a mode keeps it. The second figure "
+             "is the rest: activations proper.", ""]
+    rows = []
+    for cell in cells:
+        row = _cell_id(cell)
+        for m in modes:
+            r = cell["modes"].get(m, {})
+            if "weight_shaped_bytes" in r:
+                w = r["weight_shaped_bytes"]
+                row.append(f"{w / MB:.2f} / {(r['saved_bytes'] - w) / MB:.2f}")
+            else:
+                row.append("–")
+        rows.append(row)
+    return lines + _table(["model", "batch", "size", *modes], rows)
+
+
 def _time_section(cells: list[dict[str, Any]]) -> list[str]:
     modes = [m for m in _present(cells, "median_s") if m != "compile"]
     lines = ["## Step time (forward + backward, BN in eval mode)", "",
@@ -176,27 +228,34 @@ def _time_section(cells: list[dict[str, Any]]) -> list[str]:
             r = cell["modes"].get(m, {})
             row.append(f"{r['ratio']:.3f} [{r['ratio_q1']:.2f}–{r['ratio_q3']:.2f}]"
                        if "ratio" in r else "–")
-        steps = len(base.get("steps_s", []))
-        row.append(f"{base.get('rounds', 0)}×{steps // max(base.get('rounds', 1), 1)}")
+        row.append(f"{base.get('rounds', 0)}×{base.get('steps_per_round', '?')}")
         rows.append(row)
     return lines + _table(header, rows)
 
 
-def _compile_section(cells: list[dict[str, Any]]) -> list[str]:
+def _cache_note(fresh: bool) -> str:
+    if fresh:
+        return ("Each compile used its own empty Inductor cache directory, so no mode "
+                "reused kernels another mode built.")
+    return ("**Compiles shared Inductor's kernel cache** (this run's settings): a mode "
+            "compiled later reuses kernels built before it, so these times depend on the "
+            "order and the compile target is not judged fairly here.")
+
+
+def _compile_section(cells: list[dict[str, Any]], fresh: bool) -> list[str]:
     modes = [m for m in _present(cells, "first_s") if m not in ("eager", "compile_twin")]
     lines = ["## First call (compile) time, s", "",
              "Wall time of the first training step: Dynamo, AOTAutograd and Inductor for "
-             "forward and backward, plus one step. Each compile used an empty Inductor "
-             "cache directory unless the settings say otherwise. Noisy on a shared machine.",
-             ""]
-    header = ["model", "batch", "size", *modes]
+             "forward and backward, plus one step. " + _cache_note(fresh)
+             + " Noisy on a shared machine.", ""]
+    header = ["model", "batch", "size", "figure", *modes]
     rows = []
     for cell in cells:
-        row = _cell_id(cell)
-        for m in modes:
-            r = cell["modes"].get(m, {})
-            row.append(_fmt(r.get("first_s"), 1))
-        rows.append(row)
+        for key, label in (("first_s", "wall s"), ("first_cpu_s", "CPU s")):
+            if not any(key in r for r in cell["modes"].values()):
+                continue
+            rows.append(_cell_id(cell) + [label] + [
+                _fmt(cell["modes"].get(m, {}).get(key), 1) for m in modes])
     return lines + _table(header, rows)
 
 
@@ -216,13 +275,15 @@ def _peak_section(cells: list[dict[str, Any]]) -> list[str]:
         lines += ["## Peak RSS, CPU, one fresh process per mode (MB)", "",
                   "`step`: peak RSS of one warm step above the RSS before it (glibc mmap "
                   "threshold 64 KiB so freed tensors leave the resident set). `process`: the "
-                  "process's peak over its life, compile included. `cold compile s`: first "
-                  "call in a fresh process with an empty cache.", ""]
+                  "process's peak over its life, compile included. `cold first call`: the "
+                  "first step in a fresh process with an empty cache (Inductor compiling "
+                  "in-process, so the CPU seconds include the C++ compiler's).", ""]
         rows = []
         for c in rss:
             for key, label, scale in (("step_peak_bytes", "step", MB),
                                       ("process_peak_bytes", "process", MB),
-                                      ("first_s", "cold compile s", 1.0)):
+                                      ("first_s", "cold first call, wall s", 1.0),
+                                      ("first_cpu_s", "cold first call, CPU s", 1.0)):
                 rows.append(_cell_id(c) + [label] + [
                     _fmt(c["modes"].get(m, {}).get("rss", {}).get(key, float("nan")) / scale, 1)
                     for m in modes])
@@ -238,7 +299,7 @@ def _auto_section(cells: list[dict[str, Any]],
     failing = [(c, f) for c, f in failing if f]
     if not failing:
         return lines + ["No cell misses an auto target.", ""]
-    timed = {(b["model"], b["batch"], p): b for b in blocks for p in b.get("paths", [])}
+    timed = {(b["model"], b["batch"], b.get("px"), p): b for b in blocks for p in b.get("paths", [])}
     for cell, fails in failing:
         auto = cell["modes"].get("pass_auto", {})
         lines += [f"### {cell['model']}, batch {cell['batch']}: misses {', '.join(fails)}", ""]
@@ -247,7 +308,9 @@ def _auto_section(cells: list[dict[str, Any]],
             groups[(b["op"], b["weight_numel"], b["activation_numel"], b["action"])].append(b["conv"])
         rows = []
         for (op, w, a, action), convs in sorted(groups.items(), key=lambda kv: kv[0][2] / max(kv[0][1] or 1, 1)):
-            study = timed.get((cell["model"], cell["batch"], convs[0]))
+            shape = cell.get("input_shape", [])
+            px = shape[-1] if len(shape) == 4 else 0
+            study = timed.get((cell["model"], cell["batch"], px, convs[0]))
             t_mem = _fmt(study["modes"]["pass_memory"]["ratio"], 3) if study and "pass_memory" in study["modes"] else "–"
             t_keep = _fmt(study["modes"]["pass_keep_weight"]["ratio"], 3) if study and "pass_keep_weight" in study["modes"] else "–"
             rows.append([op, str(len(convs)), f"{w:,}" if w else "?", f"{a:,}" if a else "?",
@@ -267,22 +330,20 @@ def _blocks_section(blocks: list[dict[str, Any]]) -> list[str]:
              "step-time ratios to `compile` (Eval mode) [quartiles]; noise from the "
              "baseline twin. `auto` is what the current policy picks.", ""]
     header = ["model", "batch", "block", "input", "count", "weight numel", "act numel",
-              "act/weight", "auto", "Eval ms", "Tune/Eval", "keep-W′/Eval", "noise",
+              "act/weight", "N·H·W", "auto", "Eval ms", "Tune/Eval", "noise",
               "saved KB Eval", "saved KB Tune"]
     rows = []
     for b in sorted(blocks, key=lambda b: (b["model"], b["batch"], b["act_over_weight"])):
         modes = b["modes"]
         base = modes.get("compile", {})
         tune = modes.get("pass_memory", {})
-        keep = modes.get("pass_keep_weight", {})
         band = noise(b)
         rows.append([
             b["model"], str(b["batch"]), b["block"], "×".join(map(str, b["input_shape"])),
             str(b["count"]), f"{b['weight_numel']:,}", f"{b['activation_numel']:,}",
-            _fmt(b["act_over_weight"], 2), b.get("auto_action", "–"),
+            _fmt(b["act_over_weight"], 2), f"{b.get('positions', 0):,}", b.get("auto_action", "–"),
             _fmt(base.get("median_s", float("nan")) * 1e3, 2),
             f"{tune['ratio']:.3f} [{tune['ratio_q1']:.2f}–{tune['ratio_q3']:.2f}]" if "ratio" in tune else "–",
-            f"{keep['ratio']:.3f}" if "ratio" in keep else "–",
             _fmt(band, 3),
             _fmt(base.get("saved_bytes", float("nan")) / 1e3, 0),
             _fmt(tune.get("saved_bytes", float("nan")) / 1e3, 0),
@@ -324,6 +385,8 @@ def _checks_section(cells: list[dict[str, Any]]) -> list[str]:
         for m, r in c["modes"].items():
             problems += [f"- {c['model']} batch {c['batch']}, {m}: {p}" for p in r.get("checks", [])]
         problems += [f"- {c['model']} batch {c['batch']}: {n}" for n in c.get("notes", [])]
+        problems += [f"- {c['model']} batch {c['batch']}, {m}: FAILED {e}"
+                     for m, e in c.get("mode_errors", {}).items()]
     rewrites = [f"{c['model']}/{c['batch']}: built-in {c['modes'].get('builtin', {}).get('builtin_rewrites', '–')}, "
                 f"memory {c['modes'].get('pass_memory', {}).get('tuned', '–')}, "
                 f"keep_weight {c['modes'].get('pass_keep_weight', {}).get('tuned', '–')}, "
@@ -345,16 +408,18 @@ def markdown(results: dict[str, Any]) -> str:
              + (f" ({env['gpu']})" if env.get("gpu") else f", {env.get('cpus')} CPUs")
              + f", {env.get('torch_threads')} torch thread(s), torchvision: {env.get('torchvision')}, "
              f"timm: {env.get('timm')}. auto policy ratio {env.get('auto_ratio')}. "
+             f"convbn_pass at git {env.get('git')}. "
              f"Started {results.get('started')}, finished {results.get('finished', 'unfinished')}"
              f", {results.get('elapsed_s', 0):.0f} s.", "",
              f"Settings: `{s}`", ""]
     if results.get("modes_about"):
         lines += ["Modes:", ""] + [f"- `{k}`: {v}" for k, v in results["modes_about"].items()] + [""]
     if cells:
-        lines += _targets_section(cells)
+        lines += _targets_section(cells, s.get("fresh_kernel_cache", True))
         lines += _memory_section(cells)
+        lines += _weight_section(cells)
         lines += _time_section(cells)
-        lines += _compile_section(cells)
+        lines += _compile_section(cells, s.get("fresh_kernel_cache", True))
     if every:
         lines += _peak_section(every)
     if cells:
@@ -370,10 +435,12 @@ def markdown(results: dict[str, Any]) -> str:
 
 # --- CSV ----------------------------------------------------------------------------
 
-CSV_FIELDS = ["kind", "model", "batch", "input_shape", "mode", "saved_bytes", "median_s",
+CSV_FIELDS = ["kind", "model", "batch", "input_shape", "mode", "saved_bytes",
+              "weight_shaped_bytes", "first_cpu_s", "median_s",
               "q1_s", "q3_s", "ratio", "ratio_q1", "ratio_q3", "rounds", "first_s", "compile_s",
               "tuned", "builtin_rewrites", "new_graphs", "peak_bytes", "rss_step_peak_bytes",
-              "rss_process_peak_bytes", "rss_first_s", "block", "weight_numel",
+              "rss_process_peak_bytes", "rss_first_s", "rss_first_cpu_s", "block",
+              "weight_numel",
               "activation_numel", "checks"]
 
 
@@ -387,7 +454,8 @@ def csv_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                 rss = r.get("rss", {})
                 row.update({"rss_step_peak_bytes": rss.get("step_peak_bytes"),
                             "rss_process_peak_bytes": rss.get("process_peak_bytes"),
-                            "rss_first_s": rss.get("first_s")})
+                            "rss_first_s": rss.get("first_s"),
+                            "rss_first_cpu_s": rss.get("first_cpu_s")})
                 row.update({"kind": kind, "model": cell["model"], "batch": cell["batch"],
                             "input_shape": "x".join(map(str, cell.get("input_shape", []))),
                             "mode": mode, "checks": "; ".join(r.get("checks", [])),
@@ -416,6 +484,12 @@ def _subplots(n: int):
     return fig, list(axes.flat)
 
 
+def _legend(fig: Any, ax: Any) -> None:
+    handles, labels = ax.get_legend_handles_labels()
+    fig.tight_layout(rect=(0, 0.08, 1, 0.95))
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 8), fontsize=8)
+
+
 def _plot_metric(cells: list[dict[str, Any]], key: str, scale: float, ylabel: str, title: str,
                  path: pathlib.Path, sub: str | None = None) -> bool:
     grouped = _by_model(cells)
@@ -432,7 +506,7 @@ def _plot_metric(cells: list[dict[str, Any]], key: str, scale: float, ylabel: st
                 if value is not None:
                     pts.append((c["batch"], value / scale))
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=mode)
+                ax.plot(*zip(*pts), label=mode, **STYLE.get(mode, {}))
                 plotted = True
         ax.set_title(f"{model} ({cs[0]['input_shape'][-1]} px)" if len(cs[0]["input_shape"]) == 4 else model)
         ax.set_xscale("log", base=2)
@@ -443,9 +517,8 @@ def _plot_metric(cells: list[dict[str, Any]], key: str, scale: float, ylabel: st
     if not plotted:
         plt.close(fig)
         return False
-    axes[0].legend(fontsize=7)
+    _legend(fig, axes[0])
     fig.suptitle(title)
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
@@ -470,16 +543,15 @@ def _plot_time(cells: list[dict[str, Any]], path: pathlib.Path) -> bool:
             xs = [b for b, _ in pts]
             ys = [r["ratio"] for _, r in pts]
             err = [[r["ratio"] - r["ratio_q1"] for _, r in pts], [r["ratio_q3"] - r["ratio"] for _, r in pts]]
-            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=mode)
+            ax.errorbar(xs, ys, yerr=err, capsize=3, label=mode, **STYLE.get(mode, {}))
         ax.axhline(1.0, color="black", lw=0.8)
         ax.set_title(model)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch")
         ax.set_ylabel("step time / compile")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    _legend(fig, axes[0])
     fig.suptitle("Median step time relative to torch.compile without a pass (bars: quartiles)")
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     import matplotlib.pyplot as plt
     plt.close(fig)
@@ -492,20 +564,24 @@ def _plot_blocks(blocks: list[dict[str, Any]], auto_ratio: float | None,
     if not pts:
         return False
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label in sorted({(b["model"], b["batch"]) for b in pts}):
-        sel = [b for b in pts if (b["model"], b["batch"]) == label]
-        ax.scatter([b["act_over_weight"] for b in sel],
-                   [b["modes"]["pass_memory"]["ratio"] for b in sel],
-                   label=f"{label[0]} batch {label[1]}")
-    if auto_ratio:
-        ax.axvline(auto_ratio, color="red", ls="--", label=f"auto ratio {auto_ratio}")
-    ax.axhline(1.0, color="black", lw=0.8)
-    ax.set_xscale("log")
-    ax.set_xlabel("conv output elements / weight elements")
-    ax.set_ylabel("block step time, Tune (W′ rebuilt) / Eval")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, key, xlabel in ((axes[0], "act_over_weight", "conv output elements / weight elements"),
+                            (axes[1], "positions", "output positions N·H·W (MACs per weight element)")):
+        for label in sorted({(b["model"], b["batch"]) for b in pts}):
+            sel = [b for b in pts if (b["model"], b["batch"]) == label and key in b]
+            ax.errorbar([b[key] for b in sel], [b["modes"]["pass_memory"]["ratio"] for b in sel],
+                        yerr=[[b["modes"]["pass_memory"]["ratio"] - b["modes"]["pass_memory"]["ratio_q1"] for b in sel],
+                              [b["modes"]["pass_memory"]["ratio_q3"] - b["modes"]["pass_memory"]["ratio"] for b in sel]],
+                        fmt="o", capsize=2, label=f"{label[0]} batch {label[1]}")
+        if auto_ratio and key == "act_over_weight":
+            ax.axvline(auto_ratio, color="red", ls="--", label=f"auto ratio {auto_ratio}")
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("block step time, Tune (W′ rebuilt) / Eval")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Single Conv-BN-ReLU blocks: Tune mode's time cost (bars: quartiles)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

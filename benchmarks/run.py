@@ -51,6 +51,9 @@ class Preset:
     peak_rss: tuple[Cell, ...] = ()     # fresh-process peak RSS (CPU)
     device: str = "cpu"
     threads: int | None = None          # torch threads; None: torch's default
+    # Inductor's compile_threads; 1 compiles in-process, so that the C++ compiler's CPU
+    # time is counted as this process's children (first_cpu_s). None: Inductor's default.
+    compile_threads: int | None = None
     modes: tuple[str, ...] = ()         # default: harness.DEFAULT_MODES
     budget: float | None = None         # seconds for the whole run
     warmup: int = 2
@@ -71,34 +74,42 @@ PRESETS: dict[str, Preset] = {
     "quick": Preset(
         "ResNet-18 at batch 1 and 8 (64 px) and the Linear-BN MLP: a few minutes on 2 cores",
         cells=(("resnet18", 1, 64), ("resnet18", 8, 64), ("mlp_bn", 8, 0), ("mlp_bn", 64, 0)),
-        threads=1, rounds=5, steps=2, time_per_cell=30.0, fresh_kernel_cache=False),
+        threads=1, compile_threads=1, rounds=5, steps=2, time_per_cell=30.0,
+        fresh_kernel_cache=False),
     "cpu": Preset(
         "The CPU grid: every zoo model, ReLU and SiLU nets, batch 1 to 64, ~40 min on 2 cores",
         cells=(("resnet18", 8, 96), ("mlp_bn", 1, 0), ("mlp_bn", 64, 0),
                ("efficientnet_lite", 8, 96), ("resnet50", 8, 96), ("resnet18", 1, 96),
-               ("resnet18", 32, 96), ("mobilenet_v2", 8, 96), ("unet", 4, 96),
+               ("mobilenet_v2", 8, 96), ("unet", 4, 96), ("resnet18", 32, 96),
                ("resnext50", 8, 64), ("resnet50", 1, 96), ("resnet18", 64, 96)),
         modes=(*harness.DEFAULT_MODES, "compile_again"),
-        threads=1, rounds=6, steps=2, time_per_cell=45.0, budget=2400.0),
+        threads=1, compile_threads=1, rounds=6, steps=2, time_per_cell=45.0, budget=2400.0),
     "cpu-rss": Preset(
-        "Peak RSS of a fresh process per mode and cold compile time (CPU), two cells",
-        peak_rss=(("resnet18", 8, 96), ("resnet18", 32, 96)), threads=1, budget=1500.0),
+        "Peak RSS and cold compile time (wall and CPU seconds), one fresh process per "
+        "mode, no order effects: the fair compile-time comparison on CPU",
+        peak_rss=(("resnet18", 8, 96), ("mlp_bn", 64, 0), ("resnet50", 8, 96),
+                  ("efficientnet_lite", 8, 96)),
+        modes=(*harness.DEFAULT_MODES, "compile_again"),
+        threads=1, compile_threads=1, budget=2400.0),
     "sweep": Preset(
         "Activation bytes only, light backend (no Inductor): every zoo model, batch 1-64",
-        light=tuple((m, b, 96) for m in ZOO for b in (1, 2, 4, 8, 16, 32, 64)),
+        light=tuple((m, b, 96) for m in ZOO for b in (1, 4, 16, 64)),
         threads=1, budget=2400.0),
     "blocks": Preset(
         "Single Conv-BN-ReLU blocks, Tune vs Eval, for the auto policy's threshold",
-        blocks=(("resnet18", 1, 96), ("resnet18", 8, 96), ("resnet50", 1, 96)),
-        threads=1, rounds=6, steps=3, time_per_cell=12.0, fresh_kernel_cache=False,
+        blocks=(("resnet18", 8, 96), ("resnet18", 1, 96), ("resnet50", 8, 96),
+                ("mobilenet_v2", 8, 96)),
+        threads=1, compile_threads=1, rounds=6, steps=3, time_per_cell=12.0,
+        fresh_kernel_cache=False,
         budget=2400.0),
     "gpu": Preset(
         "One GPU (H100), torchvision/timm models at 224 px, under 8 minutes",
-        cells=(("torchvision:resnet50", 32, 224), ("torchvision:resnet18", 32, 224),
-               ("timm:efficientnet_b0", 32, 224), ("torchvision:resnet50", 64, 224),
-               ("torchvision:resnet50", 8, 224), ("torchvision:mobilenet_v2", 32, 224),
-               ("unet", 8, 224), ("torchvision:resnet18", 1, 224),
-               ("resnet50", 32, 224), ("efficientnet_lite", 32, 224)),
+        cells=(("torchvision:resnet18", 32, 224), ("torchvision:resnet50", 32, 224),
+               ("timm:efficientnet_b0", 32, 224), ("torchvision:resnet18", 1, 224),
+               ("torchvision:resnet50", 64, 224), ("torchvision:mobilenet_v2", 32, 224),
+               ("unet", 8, 224), ("torchvision:resnet50", 8, 224),
+               # stand-ins where torchvision / timm do not import
+               ("resnet18", 32, 224), ("resnet50", 32, 224), ("efficientnet_lite", 32, 224)),
         device="cuda", rounds=10, steps=5, time_per_cell=15.0, budget=390.0,
         fresh_kernel_cache=False),
 }
@@ -135,6 +146,9 @@ def _parser() -> argparse.ArgumentParser:
                    "benchmarks/results/<preset or custom>)")
     p.add_argument("--report-only", type=pathlib.Path, metavar="DIR",
                    help="rewrite tables and plots from DIR/results.json")
+    p.add_argument("--combine", nargs="+", type=pathlib.Path, metavar="DIR",
+                   help="merge the results.json of several runs (grid cells, peak RSS, "
+                   "block study, light sweep) into one report in --out")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # a fresh process for --peak-rss
     return p
 
@@ -216,6 +230,11 @@ def _run_grid(preset: Preset, modes: list[harness.Mode], results: dict[str, Any]
             results["skipped"].append(f"{what}: {exc}")
             _log(f"    skipped {model}: {exc}")
             continue
+        except Exception as exc:  # keep going: the run may be unattended
+            results["skipped"].append(f"{what}: failed, {type(exc).__name__}: {exc}")
+            _log(f"    FAILED: {type(exc).__name__}: {exc}")
+            torch._dynamo.reset()
+            continue
         estimates[model] = max(estimates.get(model, 0.0), cell.get("max_first_s", 0.0))
         if cell.get("skipped_modes"):
             results["skipped"].append(f"{what}: modes {', '.join(cell['skipped_modes'])} "
@@ -254,7 +273,7 @@ def _run_peak_rss(preset: Preset, modes: list[harness.Mode], results: dict[str, 
             results["cells"].append(cell)
         estimate = cell.get("max_first_s", 0.0)
         for mode in modes:
-            if mode.twin or mode.name == "compile_again":
+            if mode.twin:
                 continue  # the same compiled code as the baseline
             if not budget.allows(1.2 * estimate + 20):
                 results["skipped"].append(f"{what}, {mode.name}: time budget")
@@ -265,7 +284,8 @@ def _run_peak_rss(preset: Preset, modes: list[harness.Mode], results: dict[str, 
             if "error" in rss:
                 _log(f"    {mode.name:<17} failed: {rss['error']}")
             else:
-                _log(f"    {mode.name:<17} cold first call {rss['first_s']:.1f} s, step peak "
+                _log(f"    {mode.name:<17} cold first call {rss['first_s']:.1f} s "
+                     f"({rss['first_cpu_s']:.1f} CPU s), step peak "
                      f"{rss['step_peak_bytes'] / 1e6:.1f} MB, process peak "
                      f"{rss['process_peak_bytes'] / 1e6:.0f} MB")
             _save(results, out)
@@ -277,6 +297,8 @@ def _spawn_worker(model: str, batch: int, px: int, mode: str, preset: Preset,
     with tempfile.TemporaryDirectory(prefix="convbn_bench_rss_") as cache:
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, MALLOC_MMAP_THRESHOLD_="65536",
                    MALLOC_TRIM_THRESHOLD_="0", PYTHONPATH=str(ROOT))
+        if preset.compile_threads:
+            env["TORCHINDUCTOR_COMPILE_THREADS"] = str(preset.compile_threads)
         try:
             done = subprocess.run([sys.executable, "-m", "benchmarks.run", "--worker",
                                    json.dumps(spec)], cwd=ROOT, env=env, capture_output=True,
@@ -333,6 +355,63 @@ def _run_blocks(preset: Preset, results: dict[str, Any], out: pathlib.Path,
         _save(results, out)
 
 
+def _raise_recompile_limits() -> None:
+    """Every mode of a cell is a distinct backend for the same code objects, and
+    each is a Dynamo cache entry: raise the limits (older torch names them
+    cache_size_limit / accumulated_cache_size_limit)."""
+    config = torch._dynamo.config
+    for names, value in ((("recompile_limit", "cache_size_limit"), 64),
+                         (("accumulated_recompile_limit", "accumulated_cache_size_limit"), 4096)):
+        for name in names:
+            if hasattr(config, name):
+                setattr(config, name, value)
+                break
+
+
+def _same_cell(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return (a["model"], a["batch"]) == (b["model"], b["batch"]) and (
+        not a.get("input_shape") or not b.get("input_shape")
+        or a["input_shape"] == b["input_shape"])
+
+
+def _combine(dirs: Sequence[pathlib.Path], out: pathlib.Path, argv: Sequence[str]) -> int:
+    """One report from several runs: their cells (peak-RSS-only cells merged into the
+    grid cell they measured), block studies, light sweeps and skip lists."""
+    merged: dict[str, Any] = {"preset": "summary", "cells": [], "light": [], "blocks": [],
+                              "skipped": [], "sources": {}}
+    for folder in dirs:
+        path = folder / "results.json"
+        if not path.exists():
+            _log(f"error: {path} does not exist")
+            return 2
+        part = json.loads(path.read_text())
+        merged["sources"][str(folder)] = part.get("command")
+        for key in ("environment", "settings", "modes_about"):
+            # the first grid run's settings and environment head the report
+            if key not in merged or (part.get("cells") and not merged["cells"]):
+                merged[key] = part.get(key)
+        for cell in part.get("cells", []):
+            twin = next((c for c in merged["cells"] if _same_cell(c, cell)), None)
+            if twin is None:
+                merged["cells"].append(cell)
+                continue
+            for mode, result in cell["modes"].items():  # e.g. peak RSS onto the grid cell
+                target = twin["modes"].setdefault(mode, {"mode": mode})
+                for key, value in result.items():
+                    target.setdefault(key, value)
+        for key in ("light", "blocks", "skipped"):
+            merged[key] += part.get(key, [])
+    merged["command"] = "python -m benchmarks.run " + shlex.join(argv)
+    merged["started"] = "(combined)"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "command.txt").write_text(merged["command"] + "\n" + "\n".join(
+        f"  {folder}: {command}" for folder, command in merged["sources"].items()) + "\n")
+    _save(merged, out)
+    written = report.write_all(merged, out)
+    _log(f"wrote results.json, command.txt, {', '.join(written)} in {out}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
@@ -346,6 +425,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         written = report.write_all(json.loads(path.read_text()), args.report_only)
         _log(f"wrote {', '.join(written)} in {args.report_only}")
         return 0
+    if args.combine:
+        return _combine(args.combine, args.out or RESULTS / "summary", argv)
     try:
         name, preset = _resolve(args)
         modes = harness.modes_for(preset.modes or None)
@@ -357,6 +438,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if preset.threads:
         torch.set_num_threads(preset.threads)
+    if preset.compile_threads:
+        torch._inductor.config.compile_threads = preset.compile_threads
     out = args.out or RESULTS / name
     out.mkdir(parents=True, exist_ok=True)
     command = "python -m benchmarks.run " + shlex.join(argv)
@@ -370,8 +453,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     budget = harness.Budget(preset.budget)
     _log(f"{command}\n{preset.about}; results in {out}")
-    torch._dynamo.config.recompile_limit = 64
-    torch._dynamo.config.accumulated_recompile_limit = 4096
+    _raise_recompile_limits()
+    if preset.cells or preset.blocks:
+        harness.warm_up_compiler(preset.device, preset.fresh_kernel_cache, _log)
     _run_grid(preset, modes, results, out, budget)
     _run_peak_rss(preset, modes, results, out, budget)
     _run_light(preset, modes, results, out, budget)

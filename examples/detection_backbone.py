@@ -28,12 +28,13 @@ Run::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import statistics
 import sys
 import time
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -276,6 +277,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per mode (5)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (1)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's choice); on a machine "
+                             "shared with other jobs, 1 gives steadier step times")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
 
@@ -289,6 +293,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--steps, --width and --fpn must be at least 1, --warmup at least 0")
     if not 0 < args.scale <= 4:
         parser.error(f"--scale must be in (0, 4], not {args.scale}")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be at least 1")
     try:
         args.device = torch.device(args.device)
     except RuntimeError:
@@ -300,6 +306,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+@contextlib.contextmanager
+def process_settings(threads: int | None) -> Iterator[None]:
+    """CPU threads and Dynamo's recompile limit for one run, restored afterwards
+    (each compiled mode and shape counts against the limit of the model's forward)."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        with torch._dynamo.config.patch(
+                recompile_limit=max(16, torch._dynamo.config.recompile_limit)):
+            yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     wall = time.perf_counter()
@@ -307,8 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"policy {args.policy}; Detector: {args.backbone} (width {args.width}, BN frozen, "
           f"frozen_stages={args.frozen_stages}) + FPN {args.fpn} + conv-BN head; "
           f"batch sizes {args.batch_sizes}\n")
-    limit = max(16, torch._dynamo.config.recompile_limit)
-    with torch._dynamo.config.patch(recompile_limit=limit):
+    with process_settings(args.threads):
         table = measure(args)
     report(table, args)
     print(f"wall time {time.perf_counter() - wall:.0f} s")

@@ -84,7 +84,8 @@ def test_detection_table(capsys, device):
                                              *_device_args(device)])
     text = capsys.readouterr().out
     assert code == 0, text
-    rows = re.findall(r"^\s+(\d+)\s+3x\d+x\d+\s+([\d.]+) MiB\s+([\d.]+) MiB\s+([\d.]+)%", text, re.M)
+    row = r"^\s+(\d+)\s+3x\d+x\d+\s+([\d.]+) MiB\s+([\d.]+) MiB\s+([\d.]+)%"
+    rows = re.findall(row, text, re.M)
     assert [r[0] for r in rows] == ["1", "2"], text
     for _, without, with_pass, saving in rows:
         assert float(with_pass) < float(without) and float(saving) > 0

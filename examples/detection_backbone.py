@@ -34,7 +34,7 @@ import dataclasses
 import statistics
 import sys
 import time
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, NoReturn, Sequence
 
 import torch
 import torch.nn as nn
@@ -283,26 +283,30 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
 
+    def fail(message: str) -> NoReturn:  # one line, no usage block: the values are wrong
+        parser.exit(2, f"{parser.prog}: error: {message}\n")
+
+
     try:
         args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     except ValueError:
-        parser.error(f"--batch-sizes takes integers such as 1,2, not {args.batch_sizes!r}")
+        fail(f"--batch-sizes takes integers such as 1,2, not {args.batch_sizes!r}")
     if min(args.batch_sizes) < 1:
-        parser.error("--batch-sizes must be positive")
+        fail("--batch-sizes must be positive")
     if args.steps < 1 or args.warmup < 0 or args.width < 1 or args.fpn < 1:
-        parser.error("--steps, --width and --fpn must be at least 1, --warmup at least 0")
+        fail("--steps, --width and --fpn must be at least 1, --warmup at least 0")
     if not 0 < args.scale <= 4:
-        parser.error(f"--scale must be in (0, 4], not {args.scale}")
+        fail(f"--scale must be in (0, 4], not {args.scale}")
     if args.threads is not None and args.threads < 1:
-        parser.error("--threads must be at least 1")
+        fail("--threads must be at least 1")
     try:
         args.device = torch.device(args.device)
     except RuntimeError:
-        parser.error(f"unknown device {args.device!r}; use cpu or cuda")
+        fail(f"unknown device {args.device!r}; use cpu or cuda")
     if args.device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda asked for, but this torch build or machine has no CUDA")
+        fail("--device cuda asked for, but this torch build or machine has no CUDA")
     if args.device.type not in ("cpu", "cuda"):
-        parser.error(f"device {args.device} is not supported here; use cpu or cuda")
+        fail(f"device {args.device} is not supported here; use cpu or cuda")
     return args
 
 

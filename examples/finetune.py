@@ -40,7 +40,7 @@ import pathlib
 import statistics
 import sys
 import time
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, NoReturn, Sequence
 
 import torch
 import torch.nn as nn
@@ -386,28 +386,32 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
 
+    def fail(message: str) -> NoReturn:  # one line, no usage block: the values are wrong
+        parser.exit(2, f"{parser.prog}: error: {message}\n")
+
+
     try:
         args.layers = [int(n) for n in args.layers.split(",")]
     except ValueError:
-        parser.error(f"--layers takes four integers such as 2,2,2,2, not {args.layers!r}")
+        fail(f"--layers takes four integers such as 2,2,2,2, not {args.layers!r}")
     if len(args.layers) != 4 or min(args.layers) < 1:
-        parser.error(f"--layers takes four positive integers, not {args.layers}")
+        fail(f"--layers takes four positive integers, not {args.layers}")
     for name in ("width", "size", "batch", "epochs", "pretrain_epochs"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+            fail(f"--{name.replace('_', '-')} must be at least 1")
     args.dtype = getattr(torch, args.dtype)
     if args.rtol is None and args.dtype == torch.float64:
         args.rtol = 1e-9
     if args.threads is not None and args.threads < 1:
-        parser.error("--threads must be at least 1")
+        fail("--threads must be at least 1")
     try:
         args.device = torch.device(args.device)
     except RuntimeError:
-        parser.error(f"unknown device {args.device!r}; use cpu or cuda")
+        fail(f"unknown device {args.device!r}; use cpu or cuda")
     if args.device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda asked for, but this torch build or machine has no CUDA")
+        fail("--device cuda asked for, but this torch build or machine has no CUDA")
     if args.device.type not in ("cpu", "cuda"):
-        parser.error(f"device {args.device} is not supported here; use cpu or cuda")
+        fail(f"device {args.device} is not supported here; use cpu or cuda")
     return args
 
 

@@ -100,5 +100,5 @@ def test_bad_input_is_one_clear_error(name, argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         _load(name).main(argv)
     assert exit_info.value.code == 2
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "error:" in last and message in last, last
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "error:" in lines[0] and message in lines[0], lines

@@ -8,7 +8,8 @@ and the same on CPU and GPU for the same graph.
 
 Everything a graph saves that is not one of those storages counts, including
 copies the compiler makes of a parameter or of the input (Inductor on CPU saves
-a channels-last copy of every conv weight: ResNet-18's 44.7 MB at any batch), so
+channels-last copies of the conv weights: for ResNet-18 at batch 1, 64 px, 44.0
+of the 45.4 MB it saves are weight-shaped, against 44.7 MB of conv weights), so
 compare modes compiled by the same backend.
 """
 

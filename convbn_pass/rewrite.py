@@ -85,6 +85,11 @@ def _module_conv(graph: fx.Graph, cand: Candidate, weight: fx.Node,
         x, weight, bias, module.stride, padding, module.dilation, module.groups))
 
 
+def _split_bias(cand: Candidate) -> bool:
+    """Whether b′ is added after the conv rather than passed as its bias."""
+    return cand.out_dtype in _HALF and cand.stats_dtype not in _HALF
+
+
 def rewrite_candidate(graph: fx.Graph, cand: Candidate, action: Action) -> fx.Node:
     """Rewrite one accepted candidate in place; returns the node that now yields
     the block's output."""
@@ -120,8 +125,7 @@ def rewrite_candidate(graph: fx.Graph, cand: Candidate, action: Action) -> fx.No
         # and γ) to its dtype, where BatchNorm keeps them in float32: there b′ is
         # added after the conv, in float32, and the sum cast back. (A model cast
         # to half has half BatchNorm parameters: b′ stays in the conv.)
-        split_bias = (bias is not None and cand.out_dtype in _HALF
-                      and cand.stats_dtype not in _HALF)
+        split_bias = bias is not None and _split_bias(cand)
         conv_bias = None if split_bias else bias
         if conv.module is None:
             bn.last.prepend(conv.node)

@@ -8,8 +8,9 @@ activation elements / weight elements, or of output positions N·H·W (the conv'
 multiply-adds per weight element: the weight-side work of Tune mode is a few
 passes over the weight, so its cost relative to a compute-bound conv goes as
 1 / (N·H·W))? This module cuts every distinct block
-out of a model (same conv, same BatchNorm, same input shape, followed by a ReLU
-as in the zoo's ReLU networks), and measures each one with the harness: modes
+out of a model (same conv, same BatchNorm, same input shape, followed by the
+activation the model puts after that BatchNorm: ReLU6 in MobileNetV2, none after a
+projection, ReLU in the ResNets), and measures each one with the harness: modes
 ``compile`` (Eval), ``pass_memory`` (Tune, W′ rebuilt), ``pass_keep_weight``
 (Tune, W′ kept) and the ``compile_twin`` noise reference.
 """
@@ -76,15 +77,37 @@ def model_blocks(model_name: str, batch: int, px: int,
         with torch.no_grad():
             out = conv(torch.zeros(in_shape))
         channels = out.shape[1]
+        act = _activation_after(model, bn_path)
         found[key] = {
-            "block": _describe(conv), "input_shape": list(in_shape), "count": 1,
+            "block": _describe(conv) + f" +{type(act).__name__}", "input_shape": list(in_shape),
+            "count": 1,
             "paths": [conv_path], "weight_numel": conv.weight.numel(),
             "activation_numel": out.numel(),
             # Output positions N·H·W = MACs / weight elements, for every conv kind.
             "positions": out.numel() // channels,
-            "modules": (conv, model.get_submodule(bn_path)),
+            "modules": (conv, model.get_submodule(bn_path), act),
         }
     return list(found.values())
+
+
+_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.LeakyReLU, nn.Identity)
+
+
+def _activation_after(model: nn.Module, bn_path: str) -> nn.Module:
+    """The activation that follows the BatchNorm when both sit in one ``nn.Sequential``
+    (the zoo's conv_bn blocks: ReLU, ReLU6, SiLU, or none); ReLU otherwise (the ResNet
+    blocks call ``self.relu`` from ``forward``)."""
+    parent_path, _, name = bn_path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    if isinstance(parent, nn.Sequential):
+        names = [n for n, _ in parent.named_children()]
+        index = names.index(name)
+        if index + 1 < len(names):
+            following = parent[index + 1]
+            if isinstance(following, _ACTIVATIONS):
+                return copy.deepcopy(following)
+        return nn.Identity()  # the BN ends its Sequential: nothing fused after it
+    return nn.ReLU()
 
 
 def measure_blocks(model_name: str, batch: int, settings: harness.Settings,
@@ -98,8 +121,8 @@ def measure_blocks(model_name: str, batch: int, settings: harness.Settings,
         if not budget.allows(3 * estimate + 10):
             log(f"  block {i}/{len(blocks)} and later skipped: time budget")
             break
-        conv, bn = block.pop("modules")
-        module = nn.Sequential(copy.deepcopy(conv), copy.deepcopy(bn), nn.ReLU()).eval()
+        conv, bn, act = block.pop("modules")
+        module = nn.Sequential(copy.deepcopy(conv), copy.deepcopy(bn), act).eval()
         x = torch.randn(*block["input_shape"])
         ratio = block["activation_numel"] / block["weight_numel"]
         log(f"  block {i}/{len(blocks)} {block['block']} in {tuple(x.shape)}: "

@@ -29,6 +29,7 @@ import copy
 import dataclasses
 import gc
 import math
+import operator
 import os
 import resource
 import shutil
@@ -42,7 +43,9 @@ import torch.nn as nn
 from torch._dynamo.utils import counters
 
 import convbn_pass
-from convbn_pass import backends, deploy, memory, zoo
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+from convbn_pass import backends, deploy, memory, tune, zoo
 from convbn_pass.records import COUNTER
 
 __all__ = ["Mode", "MODES", "modes_for", "Settings", "Budget", "Unavailable", "build_model",
@@ -63,6 +66,8 @@ class Mode:
     deploy: bool = False          # BatchNorm folded into the conv once
     twin: bool = False            # a second instance of the baseline: measures noise
     extra: tuple[tuple[str, Any], ...] = ()  # further Inductor options
+    bias_apart: bool = False      # the (folded or fused) bias added after a bias-free conv
+    auto_ratio: float | None = None  # policy.AUTO_RATIO while this mode compiles
 
     def options(self) -> dict[str, Any]:
         """This mode's ``torch.compile`` options. Equal dicts make equal backends,
@@ -74,6 +79,8 @@ class Mode:
             opts["efficient_conv_bn_eval_fx_passes"] = True
         if self.policy is not None:
             opts = convbn_pass.options(self.policy, **opts)
+            if self.bias_apart:
+                opts["pre_grad_custom_pass"] = _SplitBiasAfter(opts["pre_grad_custom_pass"])
         return opts
 
 
@@ -102,7 +109,19 @@ def _modes() -> dict[str, Mode]:
              policy="memory", extra=no_layout),
         Mode("deploy_nolayout", "Deploy mode, layout_optimization=False", deploy=True,
              extra=no_layout),
+        # Deploy mode with each folded bias added after a bias-free conv, so the conv's
+        # backward computes no bias gradient (Inductor fuses the add into what follows).
+        Mode("deploy_bias_apart", "Deploy mode, folded bias added after a bias-free conv",
+             deploy=True, bias_apart=True),
+        Mode("pass_memory_bias_apart", "convbn_pass 'memory', then b′ moved out of the conv "
+             "into an add (an experiment, not what the pass does)", policy="memory",
+             bias_apart=True),
     ]
+    # The auto policy with other thresholds (convbn_pass.policy.AUTO_RATIO set while the
+    # mode compiles): whole-model data for choosing the threshold.
+    found += [Mode(f"pass_auto_x{ratio:g}", f"convbn_pass 'auto' with AUTO_RATIO = {ratio:g}",
+                   policy="auto", auto_ratio=ratio)
+              for ratio in (0.25, 4.0, 16.0, 64.0)]
     return {mode.name: mode for mode in found}
 
 
@@ -228,6 +247,21 @@ def _timed_step(fn: Callable[..., Any], model: nn.Module, x: torch.Tensor,
     return elapsed
 
 
+@contextlib.contextmanager
+def _auto_ratio(ratio: float | None) -> Iterator[None]:
+    """``convbn_pass.policy.AUTO_RATIO`` set to ``ratio`` for one compile (the pass
+    reads it when it decides, during the first call)."""
+    if ratio is None:
+        yield
+        return
+    saved = convbn_pass.policy.AUTO_RATIO
+    convbn_pass.policy.AUTO_RATIO = ratio
+    try:
+        yield
+    finally:
+        convbn_pass.policy.AUTO_RATIO = saved
+
+
 def cpu_seconds() -> float:
     """CPU time of this process and its reaped children (the C++ compiler when
     Inductor compiles in-process, ``compile_threads=1``): unlike wall time, it does
@@ -278,10 +312,64 @@ class _Instance:
     result: dict[str, Any]
 
 
+class _SplitBiasAfter(CustomGraphPass):
+    """Runs convbn_pass, then turns every ``conv(x, W′, b′)`` it made into
+    ``conv(x, W′, None) + b′`` (channel axis 1), so that the conv's backward computes
+    no bias gradient and Inductor can fuse the add and its reduction with the ops
+    around it. An experiment for benchmarks only."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        self.inner(graph)
+        for node in list(graph.nodes):
+            if node.op != "call_function" or len(node.args) < 3:
+                continue
+            bias = node.args[2]
+            if not (isinstance(bias, torch.fx.Node) and bias.target is tune.fuse_bias):
+                continue
+            dims = node.meta["example_value"].dim() if "example_value" in node.meta else 4
+            node.update_arg(2, None)
+            with graph.inserting_after(node):
+                shaped = graph.call_function(torch.reshape, (bias, (1, -1) + (1,) * (dims - 2)))
+            with graph.inserting_after(shaped):
+                added = graph.call_function(operator.add, (node, shaped))
+            node.replace_all_uses_with(added, delete_user_cb=lambda user: user is not added)
+        graph.lint()
+
+    def uuid(self) -> Any:
+        return None  # uncacheable; the benchmarks turn the FX graph cache off anyway
+
+
+class _BiasApart(nn.Module):
+    """``module(x) + bias`` on the channel axis (axis 1), the module without a bias."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.bias = module.bias
+        self.module = copy.deepcopy(module)
+        self.module.bias = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.module(x)
+        return out + self.bias.view(1, -1, *([1] * (out.dim() - 2)))
+
+
+def _deploy(mode: Mode, base: nn.Module, x: torch.Tensor) -> nn.Module:
+    folded = deploy.fold(base, x)
+    if mode.bias_apart:
+        for conv_path, _ in deploy.pairs(base, x):
+            parent, _, name = conv_path.rpartition(".")
+            owner = folded.get_submodule(parent) if parent else folded
+            setattr(owner, name, _BiasApart(getattr(owner, name)))
+    return folded
+
+
 def _prepare(mode: Mode, base: nn.Module, x: torch.Tensor, settings: Settings,
              log: Log) -> _Instance:
     """Copy, fold and compile one mode, run its first step, count what fired."""
-    model = deploy.fold(base, x) if mode.deploy else copy.deepcopy(base)
+    model = _deploy(mode, base, x) if mode.deploy else copy.deepcopy(base)
     model.eval()
     fn: Callable[..., Any] = model
     if mode.compiled:
@@ -289,7 +377,8 @@ def _prepare(mode: Mode, base: nn.Module, x: torch.Tensor, settings: Settings,
     _clear_rewrite_counters()
     graphs_before = _counts()["graphs"]
     cpu_before = cpu_seconds()
-    with _kernel_cache(settings.fresh_kernel_cache and mode.compiled and not mode.twin):
+    with _kernel_cache(settings.fresh_kernel_cache and mode.compiled and not mode.twin), \
+            _auto_ratio(mode.auto_ratio):
         first = _timed_step(fn, model, x, settings.device)
     result: dict[str, Any] = {
         "mode": mode.name,
@@ -412,7 +501,9 @@ def _time_round_robin(instances: list[_Instance], x: torch.Tensor, settings: Set
         ratios = [t / b for t, b in zip(per_round[name], base)]
         r1, rmed, r3 = _quartiles(ratios)
         inst.result.update({
-            "steps_s": steps[name], "rounds": rounds, "steps_per_round": n_steps,
+            # every step when there are few; else the per-round means (results stay small)
+            "steps_s": steps[name] if len(steps[name]) <= 200 else None,
+            "round_means_s": per_round[name], "rounds": rounds, "steps_per_round": n_steps,
             "median_s": med, "q1_s": q1, "q3_s": q3,
             "ratio": rmed, "ratio_q1": r1, "ratio_q3": r3,
             "compile_s": inst.result["first_s"] - med,

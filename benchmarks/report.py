@@ -19,7 +19,9 @@ MB = 1e6
 # Column order of the tables.
 TABLE_MODES = ["eager", "compile", "compile_twin", "compile_again", "builtin", "pass_auto",
                "pass_memory", "pass_keep_weight", "deploy", "compile_nolayout",
-               "pass_memory_nolayout", "deploy_nolayout"]
+               "pass_memory_nolayout", "deploy_nolayout", "deploy_bias_apart",
+               "pass_memory_bias_apart", "pass_auto_x0.25", "pass_auto_x4", "pass_auto_x16",
+               "pass_auto_x64"]
 PLOT_MODES = ["eager", "compile", "builtin", "pass_auto", "pass_memory", "pass_keep_weight",
               "deploy"]
 # Modes that often coincide (memory = deploy, keep_weight = builtin) get different
@@ -210,6 +212,31 @@ def _weight_section(cells: list[dict[str, Any]]) -> list[str]:
     return lines + _table(["model", "batch", "size", *modes], rows)
 
 
+def _threshold_section(cells: list[dict[str, Any]]) -> list[str]:
+    """The auto policy at several AUTO_RATIO values, where measured."""
+    names = ["pass_memory", "pass_auto_x0.25", "pass_auto", "pass_auto_x4", "pass_auto_x16",
+             "pass_auto_x64"]
+    cells = [c for c in cells if any(n.startswith("pass_auto_x") for n in c["modes"])]
+    if not cells:
+        return []
+    lines = ["## The auto policy at other thresholds", "",
+             "`pass_auto_xR`: the auto policy with `AUTO_RATIO = R` (tune a block when its "
+             "conv output has at least R times its weight's elements); `pass_auto` is R = 1 "
+             "and `pass_memory` tunes everything. Per cell: blocks tuned, activation MB, "
+             "median time ratio to `compile` [quartiles]; noise from the twin.", ""]
+    rows = []
+    for cell in cells:
+        for n in names:
+            r = cell["modes"].get(n)
+            if not r or "ratio" not in r:
+                continue
+            rows.append(_cell_id(cell) + [n, str(r["tuned"]), _fmt(r["saved_bytes"] / MB, 2),
+                                          f"{r['ratio']:.3f} [{r['ratio_q1']:.2f}–{r['ratio_q3']:.2f}]",
+                                          _fmt(noise(cell), 3)])
+    return lines + _table(["model", "batch", "size", "mode", "tuned", "activation MB",
+                           "time / compile", "noise"], rows)
+
+
 def _time_section(cells: list[dict[str, Any]]) -> list[str]:
     modes = [m for m in _present(cells, "median_s") if m != "compile"]
     lines = ["## Step time (forward + backward, BN in eval mode)", "",
@@ -325,7 +352,7 @@ def _auto_section(cells: list[dict[str, Any]],
 def _blocks_section(blocks: list[dict[str, Any]]) -> list[str]:
     if not blocks:
         return []
-    lines = ["## Single blocks: Tune vs Eval mode (conv → BN → ReLU, alone)", "",
+    lines = ["## Single blocks: Tune vs Eval mode (conv → BN → activation, alone)", "",
              "Each distinct block of a model, compiled alone. Ratios are median per-round "
              "step-time ratios to `compile` (Eval mode) [quartiles]; noise from the "
              "baseline twin. `auto` is what the current policy picks.", ""]
@@ -419,6 +446,7 @@ def markdown(results: dict[str, Any]) -> str:
         lines += _memory_section(cells)
         lines += _weight_section(cells)
         lines += _time_section(cells)
+        lines += _threshold_section(cells)
         lines += _compile_section(cells, s.get("fresh_kernel_cache", True))
     if every:
         lines += _peak_section(every)

@@ -60,6 +60,7 @@ class Preset:
     rounds: int = 6
     steps: int = 2
     time_per_cell: float = 60.0
+    min_round_s: float = 0.05           # per mode per round, at least (more steps if short)
     fresh_kernel_cache: bool = True
 
 
@@ -99,8 +100,8 @@ PRESETS: dict[str, Preset] = {
         "Single Conv-BN-ReLU blocks, Tune vs Eval, for the auto policy's threshold",
         blocks=(("resnet18", 8, 96), ("resnet18", 1, 96), ("resnet50", 8, 96),
                 ("mobilenet_v2", 8, 96)),
-        threads=1, compile_threads=1, rounds=6, steps=3, time_per_cell=12.0,
-        fresh_kernel_cache=False,
+        threads=1, compile_threads=1, rounds=20, steps=3, time_per_cell=15.0,
+        min_round_s=0.15, fresh_kernel_cache=False,
         budget=2400.0),
     "gpu": Preset(
         "One GPU (H100), torchvision/timm models at 224 px, under 8 minutes",
@@ -198,6 +199,7 @@ def _settings(preset: Preset, px: int) -> harness.Settings:
     return harness.Settings(device=preset.device, px=px, warmup=preset.warmup,
                             rounds=preset.rounds, steps=preset.steps,
                             time_per_cell=preset.time_per_cell,
+                            min_round_s=preset.min_round_s,
                             fresh_kernel_cache=preset.fresh_kernel_cache)
 
 

@@ -220,6 +220,12 @@ def _run_grid(preset: Preset, modes: list[harness.Mode], results: dict[str, Any]
     for i, (model, batch, px) in enumerate(preset.cells, 1):
         what = f"{model} batch {batch}" + (f" at {px} px" if px else "")
         _progress(i, len(preset.cells), what, budget)
+        try:
+            harness.check_available(model)
+        except harness.Unavailable as exc:
+            results["skipped"].append(f"{what}: {exc}")
+            _log(f"    skipped {model}: {exc}")
+            continue
         estimate = estimates.get(model, max(estimates.values(), default=0.0))
         if not budget.allows(estimate + 20):
             results["skipped"].append(f"{what}: time budget ({budget.left():.0f} s left)")

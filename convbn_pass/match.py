@@ -187,6 +187,8 @@ class Candidate:
     norm: str = "batch_norm"  # what follows the conv: "batch_norm" or "affine"
     out_dtype: torch.dtype | None = None  # the conv output's dtype, where recorded
     stats_dtype: torch.dtype | None = None  # dtype of running_var (or the affine's scale)
+    device: str | None = None  # the conv output's device type ("cpu", "cuda"), where recorded
+    follower: str | None = None  # what consumes the block's output, where the policy cares
 
     @property
     def op(self) -> str:
@@ -244,6 +246,42 @@ def _dtype(node: fx.Node) -> torch.dtype | None:
             return value.dtype
     tensor_meta = node.meta.get("tensor_meta")
     return getattr(tensor_meta, "dtype", None)
+
+
+def _device(node: fx.Node) -> str | None:
+    for key in ("example_value", "val"):
+        value = node.meta.get(key)
+        if isinstance(value, torch.Tensor):
+            return value.device.type
+    return None
+
+
+def _op_basename(node: fx.Node) -> str:
+    """``relu`` for F.relu, torch.relu, .relu_(), aten.relu.default; "" for non-calls."""
+    if node.op == "call_method":
+        return str(node.target).rstrip("_")
+    if node.op != "call_function":
+        return ""
+    target = node.target
+    name = target.__name__ if isinstance(target, torch._ops.OpOverload) else getattr(
+        target, "__name__", "")
+    return name.split(".")[0].rstrip("_")
+
+
+def _follower(node: fx.Node) -> str | None:
+    """The activation pattern after the block, where it decides speed: "hardtanh"
+    (ReLU6) or "relu→max_pool" (a ResNet stem); None otherwise."""
+    users = list(node.users)
+    if len(users) != 1:
+        return None
+    first = _op_basename(users[0])
+    if first in ("hardtanh", "relu6"):
+        return "hardtanh"
+    if first == "relu":
+        after = list(users[0].users)
+        if len(after) == 1 and "max_pool" in _op_basename(after[0]):
+            return "relu→max_pool"
+    return None
 
 
 def _arg_dtype(arg: Any, gm: torch.nn.Module | None) -> torch.dtype | None:
@@ -509,6 +547,8 @@ def find_candidates(graph: fx.Graph) -> list[Candidate]:
             norm=bn.kind,
             out_dtype=_dtype(source),
             stats_dtype=_arg_dtype(bn.running_var if bn.kind == "batch_norm" else bn.scale, gm),
+            device=_device(source),
+            follower=_follower(bn.last),
         ))
     return found
 

@@ -47,7 +47,17 @@ POLICIES: dict[str, str] = {
 }
 
 # ``auto`` tunes a block when activation elements >= AUTO_RATIO * weight elements.
+# Single blocks on CPU break even at 0.15–0.3; whole models gave no clear winner
+# between 0.25 and 1 (benchmarks/NOTES.md, finding 7), and above 1 a tuned block
+# could keep more than the built-in pass's W′: 1 is the largest safe value.
 AUTO_RATIO = 1.0
+
+# Activation patterns after which, on CPU, Inductor's code for conv → activation
+# without a BatchNorm in between is slower than Eval mode's fused BN kernels
+# (the activation's saved mask is written in the other memory layout): ReLU6
+# blocks measured 1.6–6× slower alone, the ResNet-18 stem 5–7% of the whole step.
+# Deploy mode pays the same; the rewrite cannot avoid it. Not measured on GPUs.
+CPU_SLOW_FOLLOWERS = ("hardtanh", "relu→max_pool")
 
 
 def check_policy(policy: str) -> str:
@@ -62,6 +72,9 @@ def decide(candidate: Candidate, policy: str) -> Choice:
         return Choice(Action.TUNE, "policy 'memory'")
     if policy == "keep_weight":
         return Choice(Action.TUNE_KEEP_WEIGHT, "policy 'keep_weight'")
+    if candidate.device == "cpu" and candidate.follower in CPU_SLOW_FOLLOWERS:
+        return Choice(Action.EVAL, f"on CPU, conv → {candidate.follower} without a BatchNorm "
+                      "between compiles to slower code than Eval mode")
     act, weight = candidate.activation_numel, candidate.weight_numel
     if act is None or weight is None:
         return Choice(Action.TUNE, "sizes unknown: tuned, which never keeps more than Eval")

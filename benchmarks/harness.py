@@ -117,6 +117,16 @@ def _modes() -> dict[str, Mode]:
              "into an add (an experiment, not what the pass does)", policy="memory",
              bias_apart=True),
     ]
+    # Inductor's C++ backend fuses independent loops horizontally: every W′ (and every
+    # channels-last weight copy) of the forward lands in one kernel at its start, all alive
+    # at once. Limiting that fusion is the experiment.
+    no_hfuse = (("cpp.max_horizontal_fusion_size", 1),)
+    found += [
+        Mode("compile_nohfuse", "compile without a pass, cpp.max_horizontal_fusion_size=1",
+             extra=no_hfuse),
+        Mode("pass_memory_nohfuse", "convbn_pass 'memory', cpp.max_horizontal_fusion_size=1",
+             policy="memory", extra=no_hfuse),
+    ]
     # The auto policy with other thresholds (convbn_pass.policy.AUTO_RATIO set while the
     # mode compiles): whole-model data for choosing the threshold.
     found += [Mode(f"pass_auto_x{ratio:g}", f"convbn_pass 'auto' with AUTO_RATIO = {ratio:g}",

@@ -21,7 +21,7 @@ TABLE_MODES = ["eager", "compile", "compile_twin", "compile_again", "builtin", "
                "pass_memory", "pass_keep_weight", "deploy", "compile_nolayout",
                "pass_memory_nolayout", "deploy_nolayout", "deploy_bias_apart",
                "pass_memory_bias_apart", "pass_auto_x0.25", "pass_auto_x4", "pass_auto_x16",
-               "pass_auto_x64"]
+               "pass_auto_x64", "compile_nohfuse", "pass_memory_nohfuse"]
 PLOT_MODES = ["eager", "compile", "builtin", "pass_auto", "pass_memory", "pass_keep_weight",
               "deploy"]
 # Modes that often coincide (memory = deploy, keep_weight = builtin) get different
@@ -46,7 +46,7 @@ def _fmt(value: float | None, digits: int = 1) -> str:
 
 
 def _mark(ok: bool | None) -> str:
-    return "–" if ok is None else ("✓" if ok else "✗")
+    return "?" if ok is None else ("✓" if ok else "✗")
 
 
 def noise(cell: dict[str, Any]) -> float | None:
@@ -81,12 +81,16 @@ def targets(cell: dict[str, Any]) -> dict[str, Any]:
     source, times = compile_times(cell)
     out["compile_source"] = source
     c_base = times.get("compile")
+    if times.get("compile_again") is not None and c_base:
+        out["compile_noise"] = times["compile_again"] / c_base - 1.0
+    # A verdict only where the baseline was compiled twice and agreed with itself within
+    # the tolerance; otherwise the ratio is shown undecided ("?").
+    decidable = abs(out.get("compile_noise", float("inf"))) <= COMPILE_TOLERANCE
     for policy in ("auto", "memory", "keep_weight"):
         c_pass = times.get(f"pass_{policy}")
         if c_pass is not None and c_base:
-            out[f"compile_{policy}"] = (c_pass / c_base, c_pass <= (1 + COMPILE_TOLERANCE) * c_base)
-    if times.get("compile_again") is not None and c_base:
-        out["compile_noise"] = times["compile_again"] / c_base - 1.0
+            holds = c_pass <= (1 + COMPILE_TOLERANCE) * c_base
+            out[f"compile_{policy}"] = (c_pass / c_base, holds if decidable else None)
     return out
 
 
@@ -104,7 +108,7 @@ def compile_times(cell: dict[str, Any]) -> tuple[str, dict[str, float]]:
 def _auto_fails(t: dict[str, Any]) -> list[str]:
     fails = []
     for key in ("auto_le_compile", "auto_le_builtin", "compile_auto"):
-        if key in t and not t[key][-1]:
+        if key in t and t[key][-1] is False:
             fails.append(key)
     if "auto_time" in t and not t["auto_time"][-1]:
         fails.append("auto_time")
@@ -141,7 +145,9 @@ def _targets_section(cells: list[dict[str, Any]], fresh: bool) -> list[str]:
              "(ratio shown; `compile_again`, where run, is the baseline compiled twice: "
              "its excess is the compile noise). Taken from fresh processes (CPU seconds of "
              "a cold first call, no order effects) where `--peak-rss` measured the cell, "
-             "else from the in-process first call's wall time: " + _cache_note(fresh), ""]
+             "else from the in-process first call's wall time: " + _cache_note(fresh)
+             + " `?`: undecided, because the baseline compiled twice differed by more than "
+             "10 % (compile noise column).", ""]
     header = ["model", "batch", "size", "memory floor", "auto ≤ compile", "auto ≤ builtin",
               "auto time (noise)", "compile auto", "compile memory", "compile keep_weight",
               "compile noise", "compile figures"]
@@ -536,7 +542,8 @@ def _plot_metric(cells: list[dict[str, Any]], key: str, scale: float, ylabel: st
             if pts:
                 ax.plot(*zip(*pts), label=mode, **STYLE.get(mode, {}))
                 plotted = True
-        ax.set_title(f"{model} ({cs[0]['input_shape'][-1]} px)" if len(cs[0]["input_shape"]) == 4 else model)
+        shape = cs[0].get("input_shape", [])
+        ax.set_title(f"{model} ({shape[-1]} px)" if len(shape) == 4 else model)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch")
         ax.set_ylabel(ylabel)

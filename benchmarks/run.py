@@ -310,7 +310,8 @@ def _spawn_worker(model: str, batch: int, px: int, mode: str, preset: Preset,
         try:
             done = subprocess.run([sys.executable, "-m", "benchmarks.run", "--worker",
                                    json.dumps(spec)], cwd=ROOT, env=env, capture_output=True,
-                                  text=True, timeout=max(60.0, budget.left()))
+                                  text=True, timeout=(None if budget.deadline is None
+                                                      else max(60.0, budget.left())))
         except subprocess.TimeoutExpired:
             return {"error": "timed out (time budget)"}
     lines = done.stdout.strip().splitlines()
@@ -399,14 +400,14 @@ def _combine(dirs: Sequence[pathlib.Path], out: pathlib.Path, argv: Sequence[str
             if key not in merged or (part.get("cells") and not merged["cells"]):
                 merged[key] = part.get(key)
         for cell in part.get("cells", []):
+            # Peak-RSS-only cells join the grid cell they measured; timed cells of two runs
+            # stay apart (their ratios and noise belong to their own run).
             twin = next((c for c in merged["cells"] if _same_cell(c, cell)), None)
-            if twin is None:
+            if twin is None or not cell.get("rss_only"):
                 merged["cells"].append(cell)
                 continue
-            for mode, result in cell["modes"].items():  # e.g. peak RSS onto the grid cell
-                target = twin["modes"].setdefault(mode, {"mode": mode})
-                for key, value in result.items():
-                    target.setdefault(key, value)
+            for mode, result in cell["modes"].items():
+                twin["modes"].setdefault(mode, {"mode": mode})["rss"] = result["rss"]
         for key in ("light", "blocks", "skipped"):
             merged[key] += part.get(key, [])
     merged["command"] = "python -m benchmarks.run " + shlex.join(argv)

@@ -270,17 +270,17 @@ def _op_basename(node: fx.Node) -> str:
 
 def _follower(node: fx.Node) -> str | None:
     """The activation pattern after the block, where it decides speed: "hardtanh"
-    (ReLU6) or "relu→max_pool" (a ResNet stem); None otherwise."""
+    (ReLU6), or "relu→max_pool" where a max-pool is among the ReLU's users (a ResNet
+    stem; a U-Net encoder stage, whose output also goes to the skip concat); None
+    otherwise."""
     users = list(node.users)
     if len(users) != 1:
         return None
     first = _op_basename(users[0])
     if first in ("hardtanh", "relu6"):
         return "hardtanh"
-    if first == "relu":
-        after = list(users[0].users)
-        if len(after) == 1 and "max_pool" in _op_basename(after[0]):
-            return "relu→max_pool"
+    if first == "relu" and any("max_pool" in _op_basename(u) for u in users[0].users):
+        return "relu→max_pool"
     return None
 
 

@@ -20,6 +20,18 @@ def _pair(conv: nn.Module, bn: nn.Module, *after: nn.Module) -> nn.Sequential:
     return nn.Sequential(conv, bn, *after)
 
 
+class _UNetStage(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = _pair(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = self.block(x)
+        down = self.pool(skip)
+        return torch.cat([nn.functional.interpolate(down, scale_factor=2), skip], 1)
+
+
 @pytest.mark.parametrize("model,x,reason,detail", [
     # conv output 2·8·32·32 = 16,384 elements, weight 8·3·3·3 = 216: tuned
     (_pair(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)), torch.randn(2, 3, 32, 32),
@@ -33,6 +45,8 @@ def _pair(conv: nn.Module, bn: nn.Module, *after: nn.Module) -> nn.Sequential:
     # a ResNet stem: BN → ReLU → max-pool, on CPU: Eval
     (_pair(nn.Conv2d(3, 8, 7, 2, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(3, 2, 1)),
      torch.randn(2, 3, 32, 32), "policy_eval", "conv → relu→max_pool"),
+    # a U-Net encoder stage: the ReLU feeds the max-pool and the skip concat: Eval
+    (_UNetStage(), torch.randn(2, 3, 32, 32), "policy_eval", "conv → relu→max_pool"),
     # ReLU alone is fine
     (_pair(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()),
      torch.randn(2, 3, 32, 32), "tuned", "activation"),

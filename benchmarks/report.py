@@ -442,8 +442,10 @@ def markdown(results: dict[str, Any]) -> str:
              + f", {env.get('torch_threads')} torch thread(s), torchvision: {env.get('torchvision')}, "
              f"timm: {env.get('timm')}. auto policy ratio {env.get('auto_ratio')}. "
              f"convbn_pass at git {env.get('git')}. "
-             f"Started {results.get('started')}, finished {results.get('finished', 'unfinished')}"
-             f", {results.get('elapsed_s', 0):.0f} s.", "",
+             + ("Combined from the runs named in `command.txt` beside this file." if results.get("started") == "(combined)"
+                else f"Started {results.get('started')}, finished "
+                     f"{results.get('finished', 'unfinished')}, {results.get('elapsed_s', 0):.0f} s."),
+             "",
              f"Settings: `{s}`", ""]
     if results.get("modes_about"):
         lines += ["Modes:", ""] + [f"- `{k}`: {v}" for k, v in results["modes_about"].items()] + [""]

@@ -28,13 +28,12 @@ Run::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import dataclasses
 import statistics
 import sys
 import time
-from typing import Callable, Iterator, NoReturn, Sequence
+from typing import Callable, NoReturn, Sequence
 
 import torch
 import torch.nn as nn
@@ -42,8 +41,9 @@ import torch.nn.functional as F
 
 import convbn_pass
 from convbn_pass import zoo
-from convbn_pass.backends import light
 from convbn_pass.memory import saved_activation_bytes
+
+from common import check_device, compile_model, process_settings, sync
 
 BACKBONES = {
     "resnet18": (zoo.BasicBlock, [2, 2, 2, 2]),
@@ -106,15 +106,6 @@ def stand_in_loss(outputs: list[torch.Tensor]) -> torch.Tensor:
     return loss + sum(F.smooth_l1_loss(b, torch.zeros_like(b)) for b in box)
 
 
-def compile_model(model: nn.Module, policy: str | None, backend: str) -> Callable[..., list]:
-    """``torch.compile`` with the pass (``policy``) or without it (None), each
-    with its own options, so Dynamo compiles the two apart."""
-    if backend == "light":
-        return torch.compile(model, backend=light(policy), dynamic=False)
-    if policy is None:
-        return torch.compile(model, options={"fx_graph_cache": False}, dynamic=False)
-    return torch.compile(model, options=convbn_pass.options(policy, fx_graph_cache=False),
-                         dynamic=False)
 
 
 @dataclasses.dataclass
@@ -136,17 +127,12 @@ class Result:
     loss: float = 0.0       # first timed step's loss
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def first_call(mode: Mode, x: torch.Tensor) -> Result:
     convbn_pass.clear_decisions()
-    _sync(x.device)
+    sync(x.device)
     start = time.perf_counter()
     saved = saved_activation_bytes(mode.compiled, mode.model, x)
-    _sync(x.device)
+    sync(x.device)
     elapsed = time.perf_counter() - start
     mode.optimizer.zero_grad(set_to_none=True)
     found = convbn_pass.decisions()
@@ -158,13 +144,13 @@ def train_step(mode: Mode, x: torch.Tensor, result: Result) -> None:
     if device.type == "cuda":
         resident = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     mode.optimizer.zero_grad(set_to_none=True)
     loss = stand_in_loss(mode.compiled(x))
     loss.backward()
     mode.optimizer.step()
-    _sync(device)
+    sync(device)
     result.step_s.append(time.perf_counter() - start)
     if not result.loss:
         result.loss = loss.item()
@@ -184,7 +170,7 @@ def measure(args: argparse.Namespace) -> list[tuple[tuple[int, ...], list[Result
         model = copy.deepcopy(base)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=1e-4)
-        modes.append(Mode(name, model, compile_model(model, policy, args.backend), opt))
+        modes.append(Mode(name, model, compile_model(model, policy, args.backend, dynamic=False), opt))
 
     table = []
     for batch in args.batch_sizes:
@@ -299,30 +285,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         fail(f"--scale must be in (0, 4], not {args.scale}")
     if args.threads is not None and args.threads < 1:
         fail("--threads must be at least 1")
-    try:
-        args.device = torch.device(args.device)
-    except RuntimeError:
-        fail(f"unknown device {args.device!r}; use cpu or cuda")
+    args.device = check_device(args.device, fail)
     if args.device.type == "cuda" and not torch.cuda.is_available():
         fail("--device cuda asked for, but this torch build or machine has no CUDA")
     if args.device.type not in ("cpu", "cuda"):
         fail(f"device {args.device} is not supported here; use cpu or cuda")
     return args
-
-
-@contextlib.contextmanager
-def process_settings(threads: int | None) -> Iterator[None]:
-    """CPU threads and Dynamo's recompile limit for one run, restored afterwards
-    (each compiled mode and shape counts against the limit of the model's forward)."""
-    previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        with torch._dynamo.config.patch(
-                recompile_limit=max(16, torch._dynamo.config.recompile_limit)):
-            yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

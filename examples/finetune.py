@@ -25,7 +25,7 @@ Run::
     python examples/finetune.py --device cuda
     python examples/finetune.py --help
 
-The part to copy is ``compile_model``: each mode gets its own ``options``, so
+The part to copy is ``compile_model`` (in ``common.py``): each mode gets its own ``options``, so
 Dynamo compiles them apart (a second compile of the same model class would
 otherwise reuse the first one's graph, whatever the global config says).
 """
@@ -33,14 +33,13 @@ otherwise reuse the first one's graph, whatever the global config says).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import dataclasses
 import pathlib
 import statistics
 import sys
 import time
-from typing import Callable, Iterator, NoReturn, Sequence
+from typing import Callable, NoReturn, Sequence
 
 import torch
 import torch.nn as nn
@@ -49,8 +48,9 @@ from torch._dynamo.utils import counters
 
 import convbn_pass
 from convbn_pass import zoo
-from convbn_pass.backends import light
 from convbn_pass.memory import saved_activation_bytes
+
+from common import check_device, compile_model, process_settings, sync
 
 DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "out" / "finetune_loss.png"
 
@@ -124,19 +124,6 @@ def pretrain(model: nn.Module, data: Split, args: argparse.Namespace,
         opt.step()
 
 
-def compile_model(model: nn.Module, policy: str | None,
-                  backend: str) -> Callable[..., torch.Tensor]:
-    """``torch.compile`` with the pass (``policy``) or without it (None).
-
-    Each mode has its own ``options``, which makes a distinct backend: Dynamo
-    compiles and caches the two apart. The FX graph cache is off so that the
-    pass really runs (and is counted) on every compile of this script.
-    """
-    if backend == "light":
-        return torch.compile(model, backend=light(policy))
-    if policy is None:
-        return torch.compile(model, options={"fx_graph_cache": False})
-    return torch.compile(model, options=convbn_pass.options(policy, fx_graph_cache=False))
 
 
 # --- one fine-tuning run ----------------------------------------------------------
@@ -163,7 +150,7 @@ class Run:
         convbn_pass.clear_decisions()
         start = time.perf_counter()
         self.saved_bytes = saved_activation_bytes(self.compiled, self.model, x)
-        _sync(self.device)
+        sync(self.device)
         self.first_call_s = time.perf_counter() - start
         self.grad_error = max(
             float((p.grad.double() - reference[n]).norm() / reference[n].norm().clamp_min(1e-30))
@@ -178,13 +165,13 @@ class Run:
         if self.device.type == "cuda":
             resident = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-        _sync(self.device)
+        sync(self.device)
         start = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         loss = F.cross_entropy(self.compiled(x), y)
         loss.backward()
         self.optimizer.step()
-        _sync(self.device)
+        sync(self.device)
         self.step_s.append(time.perf_counter() - start)
         self.losses.append(loss.item())
         if self.device.type == "cuda":
@@ -208,11 +195,6 @@ def reference_gradients(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Te
     ref = copy.deepcopy(model).double()
     ref(x.double()).sum().backward()
     return {name: p.grad for name, p in ref.named_parameters()}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def finetune(backbone: zoo.ResNet, train: Split, args: argparse.Namespace,
@@ -404,30 +386,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.rtol = 1e-9
     if args.threads is not None and args.threads < 1:
         fail("--threads must be at least 1")
-    try:
-        args.device = torch.device(args.device)
-    except RuntimeError:
-        fail(f"unknown device {args.device!r}; use cpu or cuda")
+    args.device = check_device(args.device, fail)
     if args.device.type == "cuda" and not torch.cuda.is_available():
         fail("--device cuda asked for, but this torch build or machine has no CUDA")
     if args.device.type not in ("cpu", "cuda"):
         fail(f"device {args.device} is not supported here; use cpu or cuda")
     return args
-
-
-@contextlib.contextmanager
-def process_settings(threads: int | None) -> Iterator[None]:
-    """CPU threads and Dynamo's recompile limit for one run, restored afterwards
-    (each compiled mode and shape counts against the limit of the model's forward)."""
-    previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        with torch._dynamo.config.patch(
-                recompile_limit=max(16, torch._dynamo.config.recompile_limit)):
-            yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,65 @@
+"""What both examples need: compiling a mode, the device and thread settings.
+
+Imported by ``finetune.py`` and ``detection_backbone.py`` from their own folder
+(``python examples/NAME.py`` puts it first on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator, NoReturn
+
+import torch
+import torch.nn as nn
+
+import convbn_pass
+from convbn_pass.backends import light
+
+
+def compile_model(model: nn.Module, policy: str | None, backend: str,
+                  **compile_kwargs: Any) -> Callable[..., Any]:
+    """``torch.compile`` with the pass (``policy``) or without it (None).
+
+    Each mode has its own ``options``, which makes a distinct backend: Dynamo
+    compiles and caches the two apart. The FX graph cache is off so that the
+    pass really runs (and is counted) on every compile of the script.
+    """
+    if backend == "light":
+        return torch.compile(model, backend=light(policy), **compile_kwargs)
+    options = (convbn_pass.options(policy, fx_graph_cache=False) if policy is not None
+               else {"fx_graph_cache": False})
+    return torch.compile(model, options=options, **compile_kwargs)
+
+
+def check_device(name: str, fail: Callable[[str], NoReturn]) -> torch.device:
+    """``name`` as a device this script can run on, else ``fail`` with one line."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        fail(f"unknown device {name!r}; use cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda asked for, but this torch build or machine has no CUDA")
+    if device.type not in ("cpu", "cuda"):
+        fail(f"device {device} is not supported here; use cpu or cuda")
+    return device
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device, so that a timer read next counts the work queued."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def process_settings(threads: int | None) -> Iterator[None]:
+    """CPU threads and Dynamo's recompile limit for one run, restored afterwards
+    (each compiled mode and shape counts against the limit of the model's forward)."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        with torch._dynamo.config.patch(
+                recompile_limit=max(16, torch._dynamo.config.recompile_limit)):
+            yield
+    finally:
+        torch.set_num_threads(previous)

@@ -141,13 +141,13 @@ def _targets_section(cells: list[dict[str, Any]], fresh: bool) -> list[str]:
              "- **auto time**: median per-round time ratio of `pass_auto` to `compile` no "
              "higher than 1 + noise (noise: the baseline twin's distance from 1 or half "
              "its ratio IQR, whichever is larger).",
-             "- **compile**: first-call time of the pass modes within 10% of `compile`'s "
+             f"- **compile**: first-call time of the pass modes within {COMPILE_TOLERANCE:.0%} of `compile`'s "
              "(ratio shown; `compile_again`, where run, is the baseline compiled twice: "
              "its excess is the compile noise). Taken from fresh processes (CPU seconds of "
              "a cold first call, no order effects) where `--peak-rss` measured the cell, "
              "else from the in-process first call's wall time: " + _cache_note(fresh)
              + " `?`: undecided, because the baseline compiled twice differed by more than "
-             "10 % (compile noise column).", ""]
+             f"{COMPILE_TOLERANCE:.0%} (compile noise column).", ""]
     header = ["model", "batch", "size", "memory floor", "auto ≤ compile", "auto ≤ builtin",
               "auto time (noise)", "compile auto", "compile memory", "compile keep_weight",
               "compile noise", "compile figures"]

@@ -248,18 +248,38 @@ def _dtype(node: fx.Node) -> torch.dtype | None:
     return getattr(tensor_meta, "dtype", None)
 
 
-def _device(node: fx.Node) -> str | None:
+def _device(node: fx.Node, weight: Any, gm: torch.nn.Module | None) -> str | None:
+    """The device type of the conv output, else of its weight (module graphs carry
+    no device in their shape metadata)."""
     for key in ("example_value", "val"):
         value = node.meta.get(key)
         if isinstance(value, torch.Tensor):
             return value.device.type
+    if isinstance(weight, str):
+        value = _fetch_attr(gm, weight)
+        return value.device.type if isinstance(value, torch.Tensor) else None
+    if isinstance(weight, fx.Node) and weight.op == "get_attr":
+        value = _fetch_attr(gm, str(weight.target))
+        return value.device.type if isinstance(value, torch.Tensor) else None
     return None
 
 
-def _op_basename(node: fx.Node) -> str:
-    """``relu`` for F.relu, torch.relu, .relu_(), aten.relu.default; "" for non-calls."""
+# Module calls (symbolic_trace graphs) named as their functional forms, for _follower.
+_MODULE_BASENAMES: tuple[tuple[type, str], ...] = (
+    (nn.Hardtanh, "hardtanh"),  # nn.ReLU6 included
+    (nn.ReLU, "relu"),
+    (nn.MaxPool1d, "max_pool1d"), (nn.MaxPool2d, "max_pool2d"), (nn.MaxPool3d, "max_pool3d"),
+)
+
+
+def _op_basename(node: fx.Node, gm: torch.nn.Module | None = None) -> str:
+    """``relu`` for F.relu, torch.relu, .relu_(), aten.relu.default and an nn.ReLU
+    module call (given ``gm``); "" for anything else that is not a call."""
     if node.op == "call_method":
         return str(node.target).rstrip("_")
+    if node.op == "call_module":
+        module = _module_of(node, gm)
+        return next((name for kind, name in _MODULE_BASENAMES if isinstance(module, kind)), "")
     if node.op != "call_function":
         return ""
     target = node.target
@@ -268,7 +288,7 @@ def _op_basename(node: fx.Node) -> str:
     return name.split(".")[0].rstrip("_")
 
 
-def _follower(node: fx.Node) -> str | None:
+def _follower(node: fx.Node, gm: torch.nn.Module | None) -> str | None:
     """The activation pattern after the block, where it decides speed: "hardtanh"
     (ReLU6), or "relu→max_pool" where a max-pool is among the ReLU's users (a ResNet
     stem; a U-Net encoder stage, whose output also goes to the skip concat); None
@@ -276,10 +296,10 @@ def _follower(node: fx.Node) -> str | None:
     users = list(node.users)
     if len(users) != 1:
         return None
-    first = _op_basename(users[0])
+    first = _op_basename(users[0], gm)
     if first in ("hardtanh", "relu6"):
         return "hardtanh"
-    if first == "relu" and any("max_pool" in _op_basename(u) for u in users[0].users):
+    if first == "relu" and any("max_pool" in _op_basename(u, gm) for u in users[0].users):
         return "relu→max_pool"
     return None
 
@@ -547,8 +567,8 @@ def find_candidates(graph: fx.Graph) -> list[Candidate]:
             norm=bn.kind,
             out_dtype=_dtype(source),
             stats_dtype=_arg_dtype(bn.running_var if bn.kind == "batch_norm" else bn.scale, gm),
-            device=_device(source),
-            follower=_follower(bn.last),
+            device=_device(source, conv.weight, gm),
+            follower=_follower(bn.last, gm),
         ))
     return found
 

@@ -56,7 +56,8 @@ AUTO_RATIO = 1.0
 # without a BatchNorm in between is slower than Eval mode's fused BN kernels
 # (the activation's saved mask is written in the other memory layout): ReLU6
 # blocks measured 1.6–6× slower alone, the ResNet-18 stem 5–7% of the whole step,
-# a U-Net's encoder stages (ReLU → max-pool and skip concat) 13% (1.153 → 1.018).
+# a U-Net's encoder stages (ReLU → max-pool and skip concat) 1.172 → 1.011 of
+# compile (benchmarks/results/cpu, cpu-unet).
 # Deploy mode pays the same; the rewrite cannot avoid it. Not measured on GPUs.
 CPU_SLOW_FOLLOWERS = ("hardtanh", "relu→max_pool")
 

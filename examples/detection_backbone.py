@@ -43,7 +43,7 @@ import convbn_pass
 from convbn_pass import zoo
 from convbn_pass.memory import saved_activation_bytes
 
-from common import check_device, compile_model, process_settings, sync
+from examples_common import check_device, compile_model, process_settings, sync
 
 BACKBONES = {
     "resnet18": (zoo.BasicBlock, [2, 2, 2, 2]),
@@ -104,8 +104,6 @@ def stand_in_loss(outputs: list[torch.Tensor]) -> torch.Tensor:
     cls, box = outputs[0::2], outputs[1::2]
     loss = sum(F.binary_cross_entropy_with_logits(c, torch.zeros_like(c)) for c in cls)
     return loss + sum(F.smooth_l1_loss(b, torch.zeros_like(b)) for b in box)
-
-
 
 
 @dataclasses.dataclass
@@ -286,10 +284,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.threads is not None and args.threads < 1:
         fail("--threads must be at least 1")
     args.device = check_device(args.device, fail)
-    if args.device.type == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda asked for, but this torch build or machine has no CUDA")
-    if args.device.type not in ("cpu", "cuda"):
-        fail(f"device {args.device} is not supported here; use cpu or cuda")
     return args
 
 

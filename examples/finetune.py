@@ -25,9 +25,10 @@ Run::
     python examples/finetune.py --device cuda
     python examples/finetune.py --help
 
-The part to copy is ``compile_model`` (in ``common.py``): each mode gets its own ``options``, so
-Dynamo compiles them apart (a second compile of the same model class would
-otherwise reuse the first one's graph, whatever the global config says).
+The part to copy is ``compile_model`` (in ``examples_common.py``): each mode gets
+its own ``options``, so Dynamo compiles them apart (a second compile of the same
+model class would otherwise reuse the first one's graph, whatever the global
+config says).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ import convbn_pass
 from convbn_pass import zoo
 from convbn_pass.memory import saved_activation_bytes
 
-from common import check_device, compile_model, process_settings, sync
+from examples_common import check_device, compile_model, process_settings, sync
 
 DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "out" / "finetune_loss.png"
 
@@ -122,8 +123,6 @@ def pretrain(model: nn.Module, data: Split, args: argparse.Namespace,
         loss = F.cross_entropy(model(data.x[idx].to(device)), data.y[idx].to(device))
         loss.backward()
         opt.step()
-
-
 
 
 # --- one fine-tuning run ----------------------------------------------------------
@@ -387,10 +386,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.threads is not None and args.threads < 1:
         fail("--threads must be at least 1")
     args.device = check_device(args.device, fail)
-    if args.device.type == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda asked for, but this torch build or machine has no CUDA")
-    if args.device.type not in ("cpu", "cuda"):
-        fail(f"device {args.device} is not supported here; use cpu or cuda")
     return args
 
 

@@ -27,7 +27,7 @@ DETECTION_TINY = ["--backbone", "resnet18", "--width", "8", "--fpn", "16", "--sc
 
 
 def _load(name: str) -> ModuleType:
-    if str(EXAMPLES) not in sys.path:  # as `python examples/NAME.py` does, for `common`
+    if str(EXAMPLES) not in sys.path:  # as `python examples/NAME.py` does, for `examples_common`
         sys.path.insert(0, str(EXAMPLES))
     spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
     assert spec is not None and spec.loader is not None

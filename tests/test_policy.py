@@ -56,6 +56,43 @@ def test_auto_decisions(model, x, reason, detail):
     assert got_reason == reason and detail in got_detail
 
 
+class _InplaceStem(nn.Module):
+    """A stem written with in-place functional ReLU forms."""
+
+    def __init__(self, relu) -> None:
+        super().__init__()
+        self.conv, self.bn, self.relu = nn.Conv2d(3, 8, 7, 2, 3), nn.BatchNorm2d(8), relu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.max_pool2d(self.relu(self.bn(self.conv(x))), 3, 2, 1)
+
+
+@pytest.mark.parametrize("relu", [nn.ReLU(inplace=True), torch.relu_,
+                                  lambda y: nn.functional.relu(y, inplace=True)],
+                         ids=["ReLU(inplace)", "torch.relu_", "F.relu(inplace)"])
+def test_cpu_rule_sees_inplace_relu(relu):
+    ((reason, detail),) = _decide(_InplaceStem(relu), torch.randn(2, 3, 32, 32))
+    assert reason == "policy_eval" and "conv → relu→max_pool" in detail
+
+
+@pytest.mark.parametrize("model,expected", [
+    (_pair(nn.Conv2d(3, 8, 7, 2, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(3, 2, 1)),
+     "conv → relu→max_pool"),
+    (_UNetStage(), "conv → relu→max_pool"),
+    (_pair(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6()), "conv → hardtanh"),
+    (_pair(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()), None),
+], ids=["stem", "unet_stage", "relu6", "relu"])
+def test_cpu_rule_in_module_graphs(model, expected):
+    """symbolic_trace graphs call modules (nn.ReLU, nn.MaxPool2d) and carry no device
+    in their shape metadata: the rule reads module types and the weight's device."""
+    gm = torch.fx.symbolic_trace(zoo.randomize_bn(model).eval())
+    (decision,) = convbn_pass.apply(gm, (torch.randn(2, 3, 32, 32),))
+    if expected is None:
+        assert decision.reason == "tuned"
+    else:
+        assert decision.reason == "policy_eval" and expected in decision.detail
+
+
 @pytest.mark.parametrize("policy", ["memory", "keep_weight"])
 def test_other_policies_tune_everything(policy):
     model = _pair(nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU6())

@@ -220,30 +220,42 @@ def _owning_module(graph: fx.Graph) -> torch.nn.Module | None:
     return graph.owning_module
 
 
-def _shape(arg: Any, gm: torch.nn.Module | None) -> tuple[Any, ...] | None:
-    """The shape of a tensor argument, from graph metadata or the module, or None."""
-    if isinstance(arg, str):
-        value = _fetch_attr(gm, arg)
-        return tuple(value.shape) if isinstance(value, torch.Tensor) else None
-    if not isinstance(arg, fx.Node):
-        return None
-    for key in ("example_value", "val"):
-        value = arg.meta.get(key)
-        if isinstance(value, torch.Tensor):
-            return tuple(value.shape)
-    tensor_meta = arg.meta.get("tensor_meta")
-    if tensor_meta is not None and hasattr(tensor_meta, "shape"):
-        return tuple(tensor_meta.shape)
-    if arg.op == "get_attr":
-        return _shape(str(arg.target), gm)
-    return None
-
-
-def _dtype(node: fx.Node) -> torch.dtype | None:
+def _example_value(node: fx.Node) -> torch.Tensor | None:
+    """The (fake) tensor Dynamo or export recorded for ``node``, or None."""
     for key in ("example_value", "val"):
         value = node.meta.get(key)
         if isinstance(value, torch.Tensor):
-            return value.dtype
+            return value
+    return None
+
+
+def _attr_tensor(arg: Any, gm: torch.nn.Module | None) -> torch.Tensor | None:
+    """The module's tensor behind an attribute path or a ``get_attr`` node, or None."""
+    if isinstance(arg, fx.Node):
+        if arg.op != "get_attr":
+            return None
+        arg = str(arg.target)
+    value = _fetch_attr(gm, arg) if isinstance(arg, str) else None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _shape(arg: Any, gm: torch.nn.Module | None) -> tuple[Any, ...] | None:
+    """The shape of a tensor argument, from graph metadata or the module, or None."""
+    if isinstance(arg, fx.Node):
+        value = _example_value(arg)
+        if value is not None:
+            return tuple(value.shape)
+        tensor_meta = arg.meta.get("tensor_meta")
+        if tensor_meta is not None and hasattr(tensor_meta, "shape"):
+            return tuple(tensor_meta.shape)
+    value = _attr_tensor(arg, gm)
+    return tuple(value.shape) if value is not None else None
+
+
+def _dtype(node: fx.Node) -> torch.dtype | None:
+    value = _example_value(node)
+    if value is not None:
+        return value.dtype
     tensor_meta = node.meta.get("tensor_meta")
     return getattr(tensor_meta, "dtype", None)
 
@@ -251,17 +263,10 @@ def _dtype(node: fx.Node) -> torch.dtype | None:
 def _device(node: fx.Node, weight: Any, gm: torch.nn.Module | None) -> str | None:
     """The device type of the conv output, else of its weight (module graphs carry
     no device in their shape metadata)."""
-    for key in ("example_value", "val"):
-        value = node.meta.get(key)
-        if isinstance(value, torch.Tensor):
-            return value.device.type
-    if isinstance(weight, str):
-        value = _fetch_attr(gm, weight)
-        return value.device.type if isinstance(value, torch.Tensor) else None
-    if isinstance(weight, fx.Node) and weight.op == "get_attr":
-        value = _fetch_attr(gm, str(weight.target))
-        return value.device.type if isinstance(value, torch.Tensor) else None
-    return None
+    value = _example_value(node)
+    if value is None:
+        value = _attr_tensor(weight, gm)
+    return value.device.type if value is not None else None
 
 
 # Module calls (symbolic_trace graphs) named as their functional forms, for _follower.
@@ -305,10 +310,10 @@ def _follower(node: fx.Node, gm: torch.nn.Module | None) -> str | None:
 
 
 def _arg_dtype(arg: Any, gm: torch.nn.Module | None) -> torch.dtype | None:
-    if isinstance(arg, str):
-        value = _fetch_attr(gm, arg)
-        return value.dtype if isinstance(value, torch.Tensor) else None
-    return _dtype(arg) if isinstance(arg, fx.Node) else None
+    if isinstance(arg, fx.Node):
+        return _dtype(arg)
+    value = _attr_tensor(arg, gm)
+    return value.dtype if value is not None else None
 
 
 def _hint(size: Any) -> int | None:

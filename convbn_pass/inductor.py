@@ -18,49 +18,71 @@ import contextlib
 import hashlib
 import pathlib
 import warnings
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import torch.fx as fx
 from torch._dynamo.utils import counters
 from torch._inductor import config as inductor_config
-from torch._inductor.custom_graph_pass import CustomGraphPass, get_custom_graph_passes
+from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from . import policy as _policy
-from .records import Decision
+from .compat import custom_graph_passes
+from .policy import AUTO_RATIO, check_policy, check_ratio
+from .records import Decision, current_compile_id
 from .rewrite import run
 
-__all__ = ["ConvBNPass", "enable", "disable", "enabled", "options", "is_enabled"]
-
-_SOURCES = ("tune.py", "match.py", "policy.py", "rewrite.py", "inductor.py")
+__all__ = ["ConvBNPass", "GraphRewrite", "enable", "disable", "enabled", "options",
+           "is_enabled"]
 
 
 def _source_hash() -> str:
+    """Every Python source of this package, so that no module escapes the cache key."""
     here = pathlib.Path(__file__).parent
     hasher = hashlib.sha256()
-    for name in _SOURCES:
-        hasher.update((here / name).read_bytes())
+    for path in sorted(here.glob("*.py")):
+        hasher.update(path.name.encode())
+        hasher.update(path.read_bytes())
     return hasher.hexdigest()
 
 
 _SOURCE_HASH = _source_hash()
 
 
+class GraphRewrite(NamedTuple):
+    """One graph the pass ran on, as ``on_graph`` receives it."""
+
+    before: fx.Graph       # a copy of the graph as the pass got it (after the ``before`` passes)
+    after: fx.Graph        # the graph itself, rewritten
+    decisions: tuple[Decision, ...]  # one per candidate pair, graph order
+    compile_id: str | None  # Dynamo's "frame/compile" id ("0/0"), None outside Dynamo
+    attempt: int           # Dynamo restarts a compile with attempt + 1
+
+
 class ConvBNPass(CustomGraphPass):
     """The Tune-mode rewrite as an Inductor pre-grad pass.
 
-    ``before`` are passes that run first on each graph: whatever the user had
-    installed in ``pre_grad_custom_pass`` when this pass was made.
+    ``policy`` and ``ratio`` (the ``auto`` policy's activation-to-weight threshold)
+    decide each block; ``before`` are passes that run first on each graph (what the
+    user had installed in ``pre_grad_custom_pass`` when this pass was made);
+    ``on_graph``, if given, receives a :class:`GraphRewrite` for every graph the pass
+    runs on: the way for a tool to see one compile's graphs and decisions.
     """
 
-    def __init__(self, policy: str = "auto", before: tuple[Any, ...] = ()) -> None:
-        self.policy = _policy.check_policy(policy)
+    def __init__(self, policy: str = "auto", *, ratio: float = AUTO_RATIO,
+                 on_graph: Callable[[GraphRewrite], None] | None = None,
+                 before: tuple[Any, ...] = ()) -> None:
+        self.policy = check_policy(policy)
+        self.ratio = check_ratio(ratio)
+        self.on_graph = on_graph
         self.before = tuple(before)
-        self.last: list[Decision] = []  # decisions of the latest graph this pass ran on
 
     def __call__(self, graph: fx.Graph) -> None:
         for user_pass in self.before:
             user_pass(graph)
-        self.last = run(graph, self.policy)
+        before = copy_graph(graph) if self.on_graph is not None else None
+        decided = run(graph, self.policy, self.ratio)
+        if self.on_graph is not None:
+            assert before is not None
+            self.on_graph(GraphRewrite(before, graph, tuple(decided), *current_compile_id()))
 
     def uuid(self) -> Any:
         befores = []
@@ -69,28 +91,36 @@ class ConvBNPass(CustomGraphPass):
             if uuid is None:
                 return None  # an uncacheable user pass makes the whole chain uncacheable
             befores.append(uuid)
-        return ("convbn_pass", _SOURCE_HASH, self.policy, _policy.AUTO_RATIO, tuple(befores))
+        return ("convbn_pass", _SOURCE_HASH, self.policy, self.ratio, tuple(befores))
 
     def __repr__(self) -> str:
-        return f"ConvBNPass(policy={self.policy!r}, before={self.before!r})"
+        return f"ConvBNPass(policy={self.policy!r}, ratio={self.ratio!r}, before={self.before!r})"
+
+
+def copy_graph(graph: fx.Graph) -> fx.Graph:
+    """A copy of ``graph`` (nodes and their metadata), owned by no module."""
+    copied = fx.Graph()
+    output = copied.graph_copy(graph, {})
+    copied.output(output)
+    return copied
 
 
 # Dynamo's graph count when the pass was last switched off (or at import).
 _graphs_when_off = 0
 
 
-def _user_passes() -> tuple[Any, ...]:
+def user_passes() -> tuple[Any, ...]:
     """The passes in Inductor's pre_grad_custom_pass that are not ours, in order
     (ours may sit there alone, or in a list the user extended)."""
     passes: list[Any] = []
-    for p in get_custom_graph_passes(inductor_config.pre_grad_custom_pass):
+    for p in custom_graph_passes(inductor_config.pre_grad_custom_pass):
         passes.extend(p.before if isinstance(p, ConvBNPass) else (p,))
     return tuple(passes)
 
 
 def _ours_installed() -> bool:
     return any(isinstance(p, ConvBNPass)
-               for p in get_custom_graph_passes(inductor_config.pre_grad_custom_pass))
+               for p in custom_graph_passes(inductor_config.pre_grad_custom_pass))
 
 
 def _graphs_compiled() -> int:
@@ -102,14 +132,14 @@ def is_enabled() -> bool:
     return _ours_installed()
 
 
-def enable(policy: str = "auto") -> None:
+def enable(policy: str = "auto", *, ratio: float = AUTO_RATIO) -> None:
     """Run the pass in every later ``torch.compile`` (Inductor backend) of this process.
 
     Passes the user installed in ``pre_grad_custom_pass`` (before or after an
     earlier ``enable()``) keep running, in their order, before this one, and come
     back on :func:`disable`. Enabling again changes only the options.
     """
-    new = ConvBNPass(policy, _user_passes())
+    new = ConvBNPass(policy, ratio=ratio, before=user_passes())
     stale = _graphs_compiled() - _graphs_when_off
     if not is_enabled() and stale > 0:
         warnings.warn(
@@ -127,27 +157,31 @@ def disable() -> None:
     """Stop running the pass; restore the user's own pre-grad pass, if any."""
     global _graphs_when_off
     if _ours_installed():
-        before = _user_passes()
+        before = user_passes()
         inductor_config.pre_grad_custom_pass = (
             None if not before else before[0] if len(before) == 1 else list(before))
     _graphs_when_off = _graphs_compiled()
 
 
 @contextlib.contextmanager
-def enabled(policy: str = "auto") -> Iterator[None]:
+def enabled(policy: str = "auto", *, ratio: float = AUTO_RATIO) -> Iterator[None]:
     """``with enabled(): model = torch.compile(model); model(x)`` (compile *and* the
     first call, which is when Dynamo compiles, must be inside)."""
     global _graphs_when_off
     saved = (inductor_config.pre_grad_custom_pass, _graphs_when_off)
-    enable(policy)
+    enable(policy, ratio=ratio)
     try:
         yield
     finally:
         inductor_config.pre_grad_custom_pass, _graphs_when_off = saved
 
 
-def options(policy: str = "auto", **extra: Any) -> dict[str, Any]:
+def options(policy: str = "auto", *, ratio: float = AUTO_RATIO,
+            on_graph: Callable[[GraphRewrite], None] | None = None,
+            **extra: Any) -> dict[str, Any]:
     """Options for ``torch.compile(model, options=...)`` that run the pass in that
-    compile only. ``extra`` are further Inductor options, merged in."""
-    return {"pre_grad_custom_pass": ConvBNPass(policy, _user_passes()), **extra}
+    compile only. ``extra`` are further Inductor options, merged in; ``ratio`` and
+    ``on_graph`` as for :class:`ConvBNPass`."""
+    chosen = ConvBNPass(policy, ratio=ratio, on_graph=on_graph, before=user_passes())
+    return {"pre_grad_custom_pass": chosen, **extra}
 

@@ -331,8 +331,7 @@ def test_idempotent_via_dynamo():
     seen = []
     model = zoo.randomize_bn(block("conv2d"))
 
-    def twice(kind, gm):
-        if kind == "pre":
-            seen.append(convbn_pass.rewrite.run(gm.graph, "memory"))
+    def twice(rewrite):
+        seen.append(convbn_pass.rewrite.run(rewrite.after, "memory"))
     torch.compile(model, backend=backends.light("memory", on_graph=twice))(X2)
     assert seen == [[]]

@@ -30,9 +30,8 @@ def rewritten(conv: nn.Module, bn: nn.Module, x_shape: tuple[int, ...],
               reuse: bool = False) -> str:
     graphs: list[str] = []
 
-    def keep(kind, gm):
-        if kind == "pre":
-            graphs.append(format_graph(gm))
+    def keep(rewrite):
+        graphs.append(format_graph(rewrite.after))
     model = zoo.randomize_bn(Pair(conv, bn, reuse)).eval()
     torch.compile(model, backend=backends.light("memory", on_graph=keep))(torch.randn(x_shape))
     assert len(graphs) == 1

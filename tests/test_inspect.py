@@ -24,6 +24,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 import convbn_pass
 from convbn_pass import inspect as cli
+from convbn_pass import report as report_module
 from convbn_pass import zoo
 
 # resnet_tiny (12 conv-BN pairs) at its own input, batch 4 at 32x32: a few seconds a compile.
@@ -196,7 +197,7 @@ _PAIR = {"graph", "conv", "bn", "op", "action", "reason", "detail", "weight_nume
 
 def test_json_fields_are_the_compilers_records() -> None:
     report = _json(*TINY, "--graphs", "after")
-    assert report["schema_version"] == cli.SCHEMA_VERSION == 1
+    assert report["schema_version"] == report_module.SCHEMA_VERSION == 1
     assert set(report) == _TOP_LEVEL
     assert report["model"] == {"spec": "resnet_tiny", "source": "zoo",
                                "about": zoo.MODELS["resnet_tiny"].about}
@@ -310,9 +311,8 @@ def test_inductor_backend_with_a_user_pass_and_the_pass_enabled_globally() -> No
 
 
 def test_a_baseline_that_ran_the_pass_is_refused() -> None:
-    decision = convbn_pass.Decision(1, "conv", "bn", "conv2d", "tune", "tuned", "", 1, 1)
-    baseline = cli._Run([], [decision], {"tuned": 1}, 0, 0.0, 0.0)
-    tuned = cli._Run([], [], {}, 0, 0.0, 0.0)
+    baseline = cli._Run(cli._Compile(), {"tuned": 1}, 0, 0.0, 0.0)
+    tuned = cli._Run(cli._Compile(), {}, 0, 0.0, 0.0)
     with pytest.raises(cli._Failure, match="the pass ran in it"):
         cli._check_distinct(baseline, tuned)
 

@@ -73,7 +73,7 @@ def test_forward_graph_saves_neither_conv_output_nor_weight():
     def keep(kind, gm):
         if kind == "forward":
             forward.append(gm)
-    compiled = torch.compile(model, backend=backends.light("memory", on_graph=keep))
+    compiled = torch.compile(model, backend=backends.light("memory", on_partition=keep))
     compiled(x).sum().backward()
     (gm,) = forward
     outputs = gm.graph.output_node().args[0]
@@ -88,10 +88,7 @@ def test_forward_graph_saves_neither_conv_output_nor_weight():
     torch._dynamo.reset()
     forward.clear()
 
-    def keep_plain(kind, gm):
-        if kind == "forward":
-            forward.append(gm)
-    torch.compile(model, backend=backends.light(None, on_graph=keep_plain))(x).sum().backward()
+    torch.compile(model, backend=backends.light(None, on_partition=keep))(x).sum().backward()
     plain_saved = forward[0].graph.output_node().args[0][1:]
     assert any(isinstance(n, torch.fx.Node) and n.target is torch.ops.aten.convolution.default
                for n in plain_saved)

@@ -144,11 +144,8 @@ def _compiles(policy: str | None, dynamic: bool | None) -> tuple[int, list[float
     model = zoo.randomize_bn(zoo.build("resnet_tiny")[0]).eval().double()
     graphs = []
 
-    def count(kind, gm):
-        if kind == "pre":
-            graphs.append(gm)
     compiled = copy.deepcopy(model)
-    fn = torch.compile(compiled, backend=backends.light(policy, on_graph=count),
+    fn = torch.compile(compiled, backend=backends.light(policy, on_graph=graphs.append),
                        dynamic=dynamic)
     errs = []
     for n, h, w in SHAPES:

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 from torch._inductor import custom_graph_pass
 
-__all__ = ["custom_graph_passes", "inductor_backend", "TORCH_VERSION"]
+__all__ = ["custom_graph_passes", "inductor_backend", "on_compile", "TORCH_VERSION"]
 
 TORCH_VERSION: tuple[int, int] = tuple(  # type: ignore[assignment]
     int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
@@ -33,3 +33,19 @@ def inductor_backend(options: dict[str, Any], dynamic: bool | None) -> Callable[
     """The backend ``torch.compile(model, options=options, dynamic=dynamic)`` builds
     (Inductor with these options), as a callable that a wrapping backend can call."""
     return torch._TorchCompileInductorWrapper(None, options, dynamic)
+
+
+def on_compile(start: Callable[[], None], end: Callable[[], None]) -> bool:
+    """Call ``start`` and ``end`` around every Dynamo compile of the process
+    (``torch._dynamo.callback.callback_handler``), unless they are registered
+    already (``torch._dynamo.reset()`` forgets them); False where torch has no such
+    hook."""
+    try:
+        from torch._dynamo.callback import callback_handler
+    except ImportError:
+        return False
+    if start not in callback_handler.start_callbacks:
+        callback_handler.register_start_callback(start)
+    if end not in callback_handler.end_callbacks:
+        callback_handler.register_end_callback(end)
+    return True

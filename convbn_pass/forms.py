@@ -224,7 +224,7 @@ _BN_STATS = ("running_mean", "running_var")
 
 def _bn_row(params: tuple[str, ...], *targets: Any, output_index: int | None = None,
             trainable_mode: bool = True) -> NormForm:
-    return NormForm("batch_norm", params, _BN_TENSORS, _BN_STATS, "running_var",
+    return NormForm("batch_norm", params, _BN_TENSORS, _BN_STATS, "running_mean",
                     _batch_norm_terms,
                     targets=targets, output_index=output_index, trainable_mode=trainable_mode)
 
@@ -237,7 +237,7 @@ NORM_FORMS: tuple[NormForm, ...] = (
     # make_fx / AOT-level graphs: (output, save_mean, save_invstd)
     _bn_row(_T_BN[:8], aten.native_batch_norm.default, output_index=0),
     # nn.BatchNorm1d/2d/3d, SyncBatchNorm and subclasses that keep the stock forward
-    NormForm("batch_norm", (), _BN_TENSORS, _BN_STATS, "running_var", _batch_norm_terms,
+    NormForm("batch_norm", (), _BN_TENSORS, _BN_STATS, "running_mean", _batch_norm_terms,
              modules=(nn.modules.batchnorm._BatchNorm,),
              forwards=(nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward)),
 )

@@ -25,9 +25,10 @@ from torch._dynamo.utils import counters
 from torch._inductor import config as inductor_config
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
+from . import compat
 from .compat import custom_graph_passes
 from .policy import AUTO_RATIO, check_policy, check_ratio
-from .records import Decision, current_compile_id
+from .records import COUNTER, Decision, current_compile_id
 from .rewrite import run
 
 __all__ = ["ConvBNPass", "GraphRewrite", "enable", "disable", "enabled", "options",
@@ -76,6 +77,7 @@ class ConvBNPass(CustomGraphPass):
         self.before = tuple(before)
 
     def __call__(self, graph: fx.Graph) -> None:
+        _cache_watch.runs += 1
         for user_pass in self.before:
             user_pass(graph)
         before = copy_graph(graph) if self.on_graph is not None else None
@@ -85,6 +87,9 @@ class ConvBNPass(CustomGraphPass):
             self.on_graph(GraphRewrite(before, graph, tuple(decided), *current_compile_id()))
 
     def uuid(self) -> Any:
+        # Inductor asks for the key only where a cache may serve the compile.
+        _cache_watch.lookups += 1
+        _cache_watch.install()
         befores = []
         for user_pass in self.before:
             uuid = user_pass.uuid() if isinstance(user_pass, CustomGraphPass) else None
@@ -95,6 +100,46 @@ class ConvBNPass(CustomGraphPass):
 
     def __repr__(self) -> str:
         return f"ConvBNPass(policy={self.policy!r}, ratio={self.ratio!r}, before={self.before!r})"
+
+
+class _CacheWatch:
+    """Says so when a compile that carries the pass is served from AOTAutograd's or
+    Inductor's FX graph cache: the cached code is the rewritten one, but the pass
+    does not run, so no decision is recorded. Counted as
+    ``counters["convbn_pass"]["served_from_cache"]`` and warned about once.
+
+    Inductor asks a pass for its ``uuid()`` only to key a cache, and runs the pass
+    in the same compile unless a cache serves it: a Dynamo compile in which
+    ``uuid()`` was asked for and the pass never ran was served from a cache."""
+
+    def __init__(self) -> None:
+        self.lookups = self.runs = 0
+        self.warned = False
+        self._at_start = (0, 0)
+
+    def install(self) -> None:
+        compat.on_compile(self.start, self.end)
+
+    def start(self, *args: Any) -> None:
+        self._at_start = (self.lookups, self.runs)
+
+    def end(self, *args: Any) -> None:
+        lookups, runs = self._at_start
+        if self.lookups > lookups and self.runs == runs:
+            counters[COUNTER]["served_from_cache"] += 1
+            if not self.warned:
+                self.warned = True
+                warnings.warn(
+                    "convbn_pass: a compile was served from Inductor's cache (AOTAutograd or "
+                    "FX graph cache): its code is the rewritten one from an earlier run, but "
+                    "the pass did not run now, so convbn_pass.decisions() and "
+                    "counters['convbn_pass'] do not list its blocks (counted as "
+                    "'served_from_cache'). Compile with fx_graph_cache=False in the options "
+                    "(and torch._functorch.config.enable_autograd_cache=False) to see them.",
+                    stacklevel=1)
+
+
+_cache_watch = _CacheWatch()
 
 
 def copy_graph(graph: fx.Graph) -> fx.Graph:

@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import re
+import subprocess
 import sys
 import types
 from typing import Any, Iterator
@@ -354,3 +355,14 @@ def test_debug_adds_the_traceback() -> None:
     assert status == 2
     assert "Traceback" in err
     assert err.splitlines()[-1].startswith("convbn_pass.inspect: error: unknown model")
+
+
+def test_a_reader_that_closes_the_pipe_early_is_no_error() -> None:
+    """``python -m convbn_pass.inspect ... | head -40``: the reader goes away before
+    the report is written; no traceback, exit status 0."""
+    proc = subprocess.Popen([sys.executable, "-m", "convbn_pass.inspect", "--list"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # before the report: the process is still importing torch
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err

@@ -15,6 +15,7 @@ from torch.utils.checkpoint import CheckpointPolicy
 import convbn_pass
 from convbn_pass import backends, deploy, memory, zoo
 from convbn_pass.records import COUNTER
+from helpers import inductor, light
 
 
 def _resnet() -> tuple[torch.nn.Module, torch.Tensor]:
@@ -24,17 +25,6 @@ def _resnet() -> tuple[torch.nn.Module, torch.Tensor]:
 
 def _saved(model: torch.nn.Module, x: torch.Tensor, compile_fn) -> int:
     return memory.saved_activation_bytes(compile_fn(model), model, x)
-
-
-def _light(policy: str | None):
-    return lambda m: torch.compile(m, backend=backends.light(policy))
-
-
-def _inductor(policy: str | None):
-    opts: dict[str, Any] = {"fx_graph_cache": False}
-    if policy is not None:
-        opts = convbn_pass.options(policy, **opts)
-    return lambda m: torch.compile(m, options=opts)
 
 
 def _check_floor(make) -> dict[str, int]:
@@ -53,15 +43,15 @@ def _check_floor(make) -> dict[str, int]:
 
 
 def test_light_backend_reaches_deploy_floor():
-    figures = _check_floor(_light)
+    figures = _check_floor(light)
     # Keeping W′ (what the built-in pass does) costs an extra weight per block.
     model, x = _resnet()
-    assert _saved(model, x, _light("keep_weight")) > figures["tune"]
+    assert _saved(model, x, light("keep_weight")) > figures["tune"]
 
 
 @pytest.mark.inductor
 def test_inductor_reaches_deploy_floor():
-    _check_floor(_inductor)
+    _check_floor(inductor)
 
 
 def test_forward_graph_saves_neither_conv_output_nor_weight():

@@ -43,7 +43,7 @@ import convbn_pass
 from convbn_pass import zoo
 from convbn_pass.memory import saved_activation_bytes
 
-from examples_common import check_device, compile_model, process_settings, sync
+from examples_common import check_device, compile_model, mb, process_settings, sync
 
 BACKBONES = {
     "resnet18": (zoo.BasicBlock, [2, 2, 2, 2]),
@@ -112,6 +112,8 @@ class Mode:
     model: nn.Module
     compiled: Callable[..., list]
     optimizer: torch.optim.Optimizer
+    # What the pass decided on each graph it compiled (filled by compile_model's callback).
+    decisions: list[convbn_pass.Decision] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -126,14 +128,14 @@ class Result:
 
 
 def first_call(mode: Mode, x: torch.Tensor) -> Result:
-    convbn_pass.clear_decisions()
+    before = len(mode.decisions)  # this shape's compile appends its own
     sync(x.device)
     start = time.perf_counter()
     saved = saved_activation_bytes(mode.compiled, mode.model, x)
     sync(x.device)
     elapsed = time.perf_counter() - start
     mode.optimizer.zero_grad(set_to_none=True)
-    found = convbn_pass.decisions()
+    found = mode.decisions[before:]
     return Result(saved, elapsed, [], sum(d.tuned for d in found), len(found))
 
 
@@ -168,7 +170,9 @@ def measure(args: argparse.Namespace) -> list[tuple[tuple[int, ...], list[Result
         model = copy.deepcopy(base)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=1e-4)
-        modes.append(Mode(name, model, compile_model(model, policy, args.backend, dynamic=False), opt))
+        decided: list[convbn_pass.Decision] = []
+        compiled = compile_model(model, policy, args.backend, decided, dynamic=False)
+        modes.append(Mode(name, model, compiled, opt, decided))
 
     table = []
     for batch in args.batch_sizes:
@@ -205,10 +209,10 @@ def report(table: list[tuple[tuple[int, ...], list[Result]]], args: argparse.Nam
     rows = []
     for shape, (base, tuned) in table:
         row = [str(shape[0]), "x".join(map(str, shape[1:])),
-               _mib(base.saved_bytes), _mib(tuned.saved_bytes),
+               mb(base.saved_bytes), mb(tuned.saved_bytes),
                f"{1 - tuned.saved_bytes / base.saved_bytes:.1%}"]
         if args.device.type == "cuda":
-            row += [_mib(base.cuda_peak), _mib(tuned.cuda_peak),
+            row += [mb(base.cuda_peak), mb(tuned.cuda_peak),
                     f"{1 - tuned.cuda_peak / base.cuda_peak:.1%}"]
         base_s, tuned_s = statistics.median(base.step_s), statistics.median(tuned.step_s)
         row += [f"{base_s:.3f} s", f"{tuned_s:.3f} s", f"{tuned_s / base_s:.2f}",
@@ -232,11 +236,6 @@ def report(table: list[tuple[tuple[int, ...], list[Result]]], args: argparse.Nam
     first = table[0][1]
     print(f"\nfirst timed step's loss: without {first[0].loss:.6f}, with {first[1].loss:.6f} "
           f"(same weights, same batch; the steps before it differ only by rounding)")
-
-
-def _mib(n: int) -> str:
-    mib = n / 2**20
-    return f"{mib:.1f} MiB" if mib >= 10 else f"{mib:.2f} MiB"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

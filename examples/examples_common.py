@@ -17,18 +17,30 @@ from convbn_pass.backends import light
 
 
 def compile_model(model: nn.Module, policy: str | None, backend: str,
+                  decisions: list[convbn_pass.Decision] | None = None,
                   **compile_kwargs: Any) -> Callable[..., Any]:
     """``torch.compile`` with the pass (``policy``) or without it (None).
 
     Each mode has its own ``options``, which makes a distinct backend: Dynamo
     compiles and caches the two apart. The FX graph cache is off so that the
-    pass really runs (and is counted) on every compile of the script.
+    pass really runs on every compile of the script; the decisions it takes on
+    each graph are appended to ``decisions``.
     """
+    def keep(rewrite: convbn_pass.GraphRewrite) -> None:
+        if decisions is not None:
+            decisions.extend(rewrite.decisions)
+
     if backend == "light":
-        return torch.compile(model, backend=light(policy), **compile_kwargs)
-    options = (convbn_pass.options(policy, fx_graph_cache=False) if policy is not None
-               else {"fx_graph_cache": False})
+        return torch.compile(model, backend=light(policy, on_graph=keep), **compile_kwargs)
+    options = (convbn_pass.options(policy, on_graph=keep, fx_graph_cache=False)
+               if policy is not None else {"fx_graph_cache": False})
     return torch.compile(model, options=options, **compile_kwargs)
+
+
+def mb(n: int) -> str:
+    """Bytes in MB (10^6 bytes), as ``python -m convbn_pass.inspect`` counts them."""
+    value = n / 1e6
+    return f"{value:.1f} MB" if value >= 10 else f"{value:.2f} MB"
 
 
 def check_device(name: str, fail: Callable[[str], NoReturn]) -> torch.device:

@@ -45,13 +45,12 @@ from typing import Callable, NoReturn, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch._dynamo.utils import counters
 
 import convbn_pass
 from convbn_pass import zoo
 from convbn_pass.memory import saved_activation_bytes
 
-from examples_common import check_device, compile_model, process_settings, sync
+from examples_common import check_device, compile_model, mb, process_settings, sync
 
 DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "out" / "finetune_loss.png"
 
@@ -142,11 +141,12 @@ class Run:
     losses: list[float] = dataclasses.field(default_factory=list)
     step_s: list[float] = dataclasses.field(default_factory=list)
     cuda_peak: int = 0            # most memory a step allocated above what was resident
+    # What the pass decided on each graph it compiled (filled by compile_model's callback).
+    decisions: list[convbn_pass.Decision] = dataclasses.field(default_factory=list)
 
     def first_call(self, x: torch.Tensor, reference: dict[str, torch.Tensor]) -> None:
         """Compile; measure what one step keeps for backward and how far its
         gradients are from the float64 ``reference``."""
-        convbn_pass.clear_decisions()
         start = time.perf_counter()
         self.saved_bytes = saved_activation_bytes(self.compiled, self.model, x)
         sync(self.device)
@@ -154,10 +154,8 @@ class Run:
         self.grad_error = max(
             float((p.grad.double() - reference[n]).norm() / reference[n].norm().clamp_min(1e-30))
             for n, p in self.model.named_parameters())
-        found = convbn_pass.decisions()
-        self.tuned = sum(d.tuned for d in found)
-        self.candidates = len(found)
-        assert self.tuned == counters["convbn_pass"]["tuned"]
+        self.tuned = sum(d.tuned for d in self.decisions)
+        self.candidates = len(self.decisions)
         self.optimizer.zero_grad(set_to_none=True)  # drop the measuring step's gradients
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -210,7 +208,9 @@ def finetune(backbone: zoo.ResNet, train: Split, args: argparse.Namespace,
     for name, policy in (("without pass", None), (f"with pass ({args.policy})", args.policy)):
         model = copy.deepcopy(backbone)
         opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
-        runs.append(Run(name, model, compile_model(model, policy, args.backend), opt, device))
+        decided: list[convbn_pass.Decision] = []
+        compiled = compile_model(model, policy, args.backend, decided)
+        runs.append(Run(name, model, compiled, opt, device, decisions=decided))
 
     order = batches(train, args.batch, args.epochs, args.seed + 2)
     first = train.x[order[0]].to(device)
@@ -257,7 +257,7 @@ def report(runs: list[Run], test: Split, args: argparse.Namespace) -> None:
     warm = args.warmup
     rows = [
         ("activation memory kept for backward",
-         *(f"{r.saved_bytes / 2**20:.2f} MiB" for r in runs)),
+         *(mb(r.saved_bytes) for r in runs)),
         ("compile + first step", *(f"{r.first_call_s:.1f} s" for r in runs)),
         (f"step time (median of {len(base.step_s[warm:])}, after {warm} warm-up)",
          *(f"{statistics.median(r.step_s[warm:]) * 1e3:.1f} ms" for r in runs)),
@@ -270,7 +270,7 @@ def report(runs: list[Run], test: Split, args: argparse.Namespace) -> None:
     ]
     if base.device.type == "cuda":
         rows.insert(1, ("CUDA peak of a step, above resident",
-                        *(f"{r.cuda_peak / 2**20:.1f} MiB" for r in runs)))
+                        *(mb(r.cuda_peak) for r in runs)))
     saving = 1 - tuned.saved_bytes / base.saved_bytes
     speed = statistics.median(tuned.step_s[warm:]) / statistics.median(base.step_s[warm:])
     width = max(len(r[0]) for r in rows)
@@ -310,7 +310,7 @@ def plot(runs: list[Run], path: pathlib.Path) -> None:
                                       gridspec_kw={"height_ratios": [3, 1.3]})
     for run, style in ((base, dict(linewidth=2.5, alpha=0.6)),
                        (tuned, dict(linestyle="--", linewidth=1.2, color="black"))):
-        top.plot(steps, run.losses, label=f"{run.name}: {run.saved_bytes / 2**20:.2f} MiB "
+        top.plot(steps, run.losses, label=f"{run.name}: {mb(run.saved_bytes)} "
                  "kept for backward", **style)
     top.set_ylabel("training loss")
     top.set_title("Fine-tuning with eval-mode BatchNorm, torch.compile with and without "

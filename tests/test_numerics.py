@@ -28,23 +28,23 @@ F64_TOL = 1e-10
 F32_SLACK = 4 * torch.finfo(torch.float32).eps
 
 
-def check_f64(model, x, compile_fn, tuned: int = 1) -> None:
+def check_f64(model, x, compile_fn, expected: int = 1) -> None:
     ref = Step(model, x, dtype=torch.float64)
     got = Step(model, x, compile_fn, dtype=torch.float64)
-    assert tuned() == tuned
+    assert tuned() == expected
     errs = errors(got, ref)
     assert max(errs.values()) <= F64_TOL, errs
     assert got.buffers_unchanged()
 
 
-def check_f32(model, x, make, tuned: int = 1) -> None:
+def check_f32(model, x, make, expected: int = 1) -> None:
     """``make(policy)`` gives a compile function; the pass's float32 error against a
     float64 reference is no larger than the error without the pass (plus slack)."""
     ref = Step(model, x, dtype=torch.float64)
     without = errors(Step(model, x, make(None)), ref)
     assert tuned() == 0
     with_pass = Step(model, x, make("memory"))
-    assert tuned() == tuned
+    assert tuned() == expected
     errs = errors(with_pass, ref)
     worse = {k: (e, without[k]) for k, e in errs.items() if e > without[k] + F32_SLACK}
     assert not worse, worse

@@ -63,14 +63,15 @@ class FrozenBN(nn.Module):
 
 def _module_graph(model: nn.Module, x: torch.Tensor) -> str:
     """``symbolic_trace`` (module calls) then ``convbn_pass.apply``, normalised."""
-    gm = torch.fx.symbolic_trace(zoo.randomize_bn(model).eval())
-    convbn_pass.apply(gm, [x], policy="memory")
-    return format_graph(gm)
+    return _applied(torch.fx.symbolic_trace(zoo.randomize_bn(model).eval()), x)
 
 
 def _exported_graph(model: nn.Module, x: torch.Tensor) -> str:
     """``torch.export`` (aten ops) then ``convbn_pass.apply``, normalised."""
-    gm = torch.export.export(zoo.randomize_bn(model).eval(), (x,)).module()
+    return _applied(torch.export.export(zoo.randomize_bn(model).eval(), (x,)).module(), x)
+
+
+def _applied(gm: torch.fx.GraphModule, x: torch.Tensor) -> str:
     convbn_pass.apply(gm, [x], policy="memory")
     return format_graph(gm)
 

@@ -11,10 +11,13 @@ from typing import Any, Callable
 import torch
 from torch._inductor import custom_graph_pass
 
-__all__ = ["custom_graph_passes", "inductor_backend", "on_compile", "TORCH_VERSION"]
+__all__ = ["custom_graph_passes", "inductor_backend", "on_compile", "TORCH_VERSION",
+           "OLDEST_VERIFIED"]
 
 TORCH_VERSION: tuple[int, int] = tuple(  # type: ignore[assignment]
     int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+# The oldest torch the test suite has passed on (pyproject.toml requires it).
+OLDEST_VERIFIED = (2, 13)
 
 
 def custom_graph_passes(value: Any) -> list[Any]:

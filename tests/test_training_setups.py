@@ -93,7 +93,7 @@ def test_half_model_error_close_to_without_pass(kind, cast):
 
 
 @pytest.mark.inductor
-def test_autocast_throughinductor():
+def test_autocast_through_inductor():
     """Inductor compiles the rewritten graph under autocast (its joint-graph passes
     once broke the recompute region), with the same error bound."""
     medians = _ratios_over_seeds("conv2d", 5, inductor, dtype=torch.bfloat16)
@@ -140,14 +140,14 @@ def _compiles(policy: str | None, dynamic: bool | None) -> tuple[int, list[float
 @pytest.mark.parametrize("dynamic", [True, None], ids=["dynamic", "automatic"])
 def test_dynamic_shapes(dynamic):
     plain, _ = _compiles(None, dynamic)
-    tuned, errs = _compiles("memory", dynamic)
-    assert tuned <= plain
+    with_pass, errs = _compiles("memory", dynamic)
+    assert with_pass <= plain
     assert max(errs) <= TOL
     assert tuned() >= 12
 
 
 @pytest.mark.inductor
-def test_dynamic_shapesinductor():
+def test_dynamic_shapes_inductor():
     model = zoo.randomize_bn(_net(nn.BatchNorm2d)).eval().double()
 
     def graphs(policy: str | None) -> int:

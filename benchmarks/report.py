@@ -256,7 +256,8 @@ def _time_section(cells: list[CellResult]) -> list[str]:
         base = cell.modes["compile"]
         row.append(_fmt(None if base.median_s is None else base.median_s * 1e3, 1))
         row += [_ratio(cell, m) for m in modes]
-        row.append(f"{base.rounds or 0}×{'?' if base.steps_per_round is None else base.steps_per_round}")
+        steps = "?" if base.steps_per_round is None else base.steps_per_round
+        row.append(f"{base.rounds or 0}×{steps}")
         rows.append(row)
     return lines + _table(header, rows)
 

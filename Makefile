@@ -10,6 +10,7 @@
 # elsewhere e.g. TORCH_INSTALL="torch --index-url https://download.pytorch.org/whl/cpu").
 
 PYTHON ?= python3
+PYTEST_ARGS ?=
 export PYTHON
 
 .PHONY: demo test
@@ -20,4 +21,4 @@ demo:
 
 test:
 	@scripts/ensure-deps test,bench,examples
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q $(PYTEST_ARGS)

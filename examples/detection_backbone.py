@@ -33,7 +33,7 @@ import dataclasses
 import statistics
 import sys
 import time
-from typing import Callable, NoReturn, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -43,7 +43,8 @@ import convbn_pass
 from convbn_pass import zoo
 from convbn_pass.memory import saved_activation_bytes
 
-from examples_common import check_device, compile_model, mb, process_settings, sync
+import examples_common
+from examples_common import compile_model, mb, process_settings, sync
 
 BACKBONES = {
     "resnet18": (zoo.BasicBlock, [2, 2, 2, 2]),
@@ -239,15 +240,9 @@ def report(table: list[tuple[tuple[int, ...], list[Result]]], args: argparse.Nam
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Training step of a detector with frozen-BN ResNet backbone, compiled "
-                    "with and without convbn_pass: activation memory and time at batch 1 and 2.")
-    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
-    parser.add_argument("--backend", choices=("inductor", "light"), default="inductor",
-                        help="inductor (default); light: the pass + AOTAutograd without "
-                             "code generation, quick for checks")
-    parser.add_argument("--policy", choices=sorted(convbn_pass.POLICIES), default="auto",
-                        help="the pass's policy (default auto)")
+    parser = examples_common.parser(
+        "Training step of a detector with frozen-BN ResNet backbone, compiled with and "
+        "without convbn_pass: activation memory and time at batch 1 and 2.")
     parser.add_argument("--backbone", choices=sorted(BACKBONES), default="resnet50")
     parser.add_argument("--width", type=int, default=64, help="backbone stem channels (64)")
     parser.add_argument("--fpn", type=int, default=128, help="FPN channels (default 128)")
@@ -259,17 +254,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-sizes", default="1,2", help="default 1,2")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per mode (5)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (1)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (default: torch's choice); on a machine "
-                             "shared with other jobs, 1 gives steadier step times")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
-
-    def fail(message: str) -> NoReturn:  # one line, no usage block: the values are wrong
-        parser.exit(2, f"{parser.prog}: error: {message}\n")
+    return examples_common.parse(parser, argv, _check)
 
 
+def _check(args: argparse.Namespace, fail: examples_common.Fail) -> None:
     try:
         args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     except ValueError:
@@ -280,10 +268,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         fail("--steps, --width and --fpn must be at least 1, --warmup at least 0")
     if not 0 < args.scale <= 4:
         fail(f"--scale must be in (0, 4], not {args.scale}")
-    if args.threads is not None and args.threads < 1:
-        fail("--threads must be at least 1")
-    args.device = check_device(args.device, fail)
-    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -40,7 +40,7 @@ import pathlib
 import statistics
 import sys
 import time
-from typing import Callable, NoReturn, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -50,7 +50,8 @@ import convbn_pass
 from convbn_pass import zoo
 from convbn_pass.memory import saved_activation_bytes
 
-from examples_common import check_device, compile_model, mb, process_settings, sync
+import examples_common
+from examples_common import compile_model, mb, process_settings, sync
 
 DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "out" / "finetune_loss.png"
 
@@ -330,15 +331,9 @@ def plot(runs: list[Run], path: pathlib.Path) -> None:
 # --- command line -------------------------------------------------------------------
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Fine-tune a ResNet with eval-mode BatchNorm, compiled with and without "
-                    "convbn_pass, on scikit-learn's digits; compare loss, memory and time.")
-    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
-    parser.add_argument("--backend", choices=("inductor", "light"), default="inductor",
-                        help="inductor (default); light: the pass + AOTAutograd without "
-                             "code generation, quick for checks")
-    parser.add_argument("--policy", choices=sorted(convbn_pass.POLICIES), default="auto",
-                        help="the pass's policy (default auto)")
+    parser = examples_common.parser(
+        "Fine-tune a ResNet with eval-mode BatchNorm, compiled with and without "
+        "convbn_pass, on scikit-learn's digits; compare loss, memory and time.")
     parser.add_argument("--layers", default="2,2,2,2",
                         help="blocks per ResNet stage (default 2,2,2,2: ResNet-18's layout)")
     parser.add_argument("--width", type=int, default=16, help="stem channels (default 16)")
@@ -354,23 +349,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="use at most this many images per task (quick runs)")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                         help="float64 shows that the two loss curves differ by rounding only")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (default: torch's choice); on a machine "
-                             "shared with other jobs, 1 gives steadier step times")
     parser.add_argument("--rtol", type=float, default=None,
                         help="exit with status 1 if the loss curves differ by more than this "
                              "(relative); default 1e-9 in float64, unchecked in float32, "
                              "where training amplifies rounding")
     parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT,
                         help=f"plot file (default {DEFAULT_OUT})")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
-
-    def fail(message: str) -> NoReturn:  # one line, no usage block: the values are wrong
-        parser.exit(2, f"{parser.prog}: error: {message}\n")
+    return examples_common.parse(parser, argv, _check)
 
 
+def _check(args: argparse.Namespace, fail: examples_common.Fail) -> None:
     try:
         args.layers = [int(n) for n in args.layers.split(",")]
     except ValueError:
@@ -383,10 +371,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.dtype = getattr(torch, args.dtype)
     if args.rtol is None and args.dtype == torch.float64:
         args.rtol = 1e-9
-    if args.threads is not None and args.threads < 1:
-        fail("--threads must be at least 1")
-    args.device = check_device(args.device, fail)
-    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,13 +6,11 @@ the same on any machine for the same graph.
 
 from __future__ import annotations
 
-from typing import Any
 
 import pytest
 import torch
 from torch.utils.checkpoint import CheckpointPolicy
 
-import convbn_pass
 from convbn_pass import backends, deploy, memory, zoo
 from convbn_pass.records import COUNTER
 from helpers import inductor, light

@@ -17,9 +17,6 @@ from typing import Any
 import pytest
 import torch
 
-import convbn_pass
-from convbn_pass import backends
-from convbn_pass.records import COUNTER
 from helpers import KINDS, Step, block, errors, inductor, light, sample, tuned
 
 F64_TOL = 1e-10

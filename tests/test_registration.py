@@ -14,7 +14,6 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 import convbn_pass
 from convbn_pass import backends, zoo
-from convbn_pass.records import COUNTER
 from helpers import Step, block, errors, sample, tuned
 
 

@@ -4,9 +4,8 @@ variants, DDP, Inductor's caches, and other pre-grad passes."""
 from __future__ import annotations
 
 import copy
-import os
 import statistics
-from typing import Any, Callable
+from typing import Callable
 
 import pytest
 import torch

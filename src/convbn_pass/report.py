@@ -254,7 +254,7 @@ def text(r: Report) -> str:
         f"totals    {_plural(totals.candidates, 'candidate')}: {tuned} tuned "
         f"({tuned - keep} rebuild W' in backward, {keep} keep W'), "
         f"{totals.skipped} skipped" + (f" ({skipped})" if skipped else ""),
-        f'counters  torch._dynamo.utils.counters["convbn_pass"]: '
+        'counters  torch._dynamo.utils.counters["convbn_pass"]: '
         + (", ".join(f"{k}={v}" for k, v in r.counters.items()) or "none"),
         "",
         f"Activation memory saved for backward, one forward/backward step, "

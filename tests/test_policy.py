@@ -187,3 +187,21 @@ def test_ratio_reaches_the_pass_and_its_cache_key():
     assert [d.reason for d in seen[0].decisions] == ["tuned"]
     assert (convbn_pass.ConvBNPass("auto", ratio=0.2).uuid()
             != convbn_pass.ConvBNPass("auto").uuid())
+
+
+def test_auto_tunes_where_eval_cannot_run():
+    """BatchNorm weights in bfloat16 with float32 statistics (FSDP2's bfloat16
+    MixedPrecisionPolicy casts parameters, not buffers): F.batch_norm refuses it, so
+    Eval mode cannot run, and `auto` tunes the block whatever its sizes."""
+    torch.manual_seed(0)
+    model = zoo.randomize_bn(nn.Sequential(nn.Conv2d(64, 64, 3), nn.BatchNorm2d(64))).eval()
+    model[0].to(torch.bfloat16)
+    model[1].weight.data, model[1].bias.data = (model[1].weight.data.bfloat16(),
+                                                model[1].bias.data.bfloat16())
+    x = torch.randn(1, 64, 3, 3, dtype=torch.bfloat16)  # activation 64 < weight 36,864
+    with pytest.raises(RuntimeError, match="expected scalar type"):
+        model(x)
+    out = torch.compile(model, backend=backends.light("auto"))(x)
+    assert out.dtype == torch.bfloat16
+    assert [d.reason for d in convbn_pass.decisions()] == ["tuned"]
+    assert "Eval mode cannot run it" in convbn_pass.decisions()[0].detail

@@ -13,7 +13,7 @@ from torch._inductor import config as inductor_config
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 import convbn_pass
-from convbn_pass import backends, zoo
+from convbn_pass import backends, memory, zoo
 from helpers import Step, block, errors, sample, tuned
 
 
@@ -84,6 +84,36 @@ def test_uuid_keys_the_options():
     assert convbn_pass.ConvBNPass("auto").uuid() == convbn_pass.ConvBNPass("auto").uuid()
     # A user pass without uuid() makes the chain uncacheable rather than wrongly cached.
     assert convbn_pass.ConvBNPass("auto", before=(lambda graph: None,)).uuid() is None
+
+
+@pytest.mark.inductor
+def test_equal_options_reuse_graphs_past_the_recompile_limit():
+    """Each torch.compile(..., options=convbn_pass.options()) of one model class with
+    equal options is the same backend to Dynamo: the graph is compiled once and
+    reused, never dropped to eager when Dynamo's recompile_limit (8 per code object)
+    is reached after the eighth new backend."""
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(4, 8, 3, bias=False), nn.BatchNorm2d(8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(self.conv(x)).relu()
+
+    x = torch.randn(2, 4, 8, 8)
+    kept = []
+    with torch._dynamo.config.patch(recompile_limit=8):
+        for _ in range(10):
+            model = zoo.randomize_bn(Block()).eval()
+            fn = torch.compile(model, options=convbn_pass.options("memory",
+                                                                  fx_graph_cache=False))
+            kept.append(memory.saved_activation_bytes(fn, model, x))
+    eager = Block().eval()
+    assert len(set(kept)) == 1
+    assert kept[0] < memory.saved_activation_bytes(eager, eager, x)  # tuned, not eager
+    assert convbn_pass.options("auto") == convbn_pass.options("auto")
+    assert convbn_pass.options("auto") != convbn_pass.options("memory")
+    assert convbn_pass.options("auto") != convbn_pass.options("auto", ratio=4.0)
 
 
 def test_unknown_policy_is_one_clear_error():

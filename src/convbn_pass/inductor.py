@@ -86,6 +86,23 @@ class ConvBNPass(CustomGraphPass):
             assert before is not None
             self.on_graph(GraphRewrite(before, graph, tuple(decided), *current_compile_id()))
 
+    def _key(self) -> tuple[Any, ...]:
+        """What makes two passes do the same thing: policy, ratio, the passes that run
+        before (by uuid where they have one) and the graph callback."""
+        befores = tuple(p.uuid() if isinstance(p, CustomGraphPass) and p.uuid() is not None
+                        else id(p) for p in self.before)
+        return (self.policy, self.ratio, befores, id(self.on_graph))
+
+    def __eq__(self, other: object) -> bool:
+        # Equal passes make equal torch.compile options, so Dynamo treats the two
+        # backends as one and reuses their graphs. A new pass per options() call would
+        # be a new backend each time, and from the 9th compile of one model class in a
+        # process (Dynamo's recompile_limit, 8 per code object) the model runs eagerly.
+        return isinstance(other, ConvBNPass) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
     def uuid(self) -> Any:
         # Inductor asks for the key only where a cache may serve the compile.
         _cache_watch.lookups += 1

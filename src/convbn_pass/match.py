@@ -89,6 +89,7 @@ class Candidate:
     out_channels: int | None = None
     out_dtype: torch.dtype | None = None  # the conv output's dtype, where recorded
     stats_dtype: torch.dtype | None = None  # dtype of the statistics (or the affine's scale)
+    weight_dtype: torch.dtype | None = None  # dtype of the BatchNorm's weight (γ), where it has one
     device: str | None = None  # the conv output's device type ("cpu", "cuda"), where recorded
     follower: tuple[Follow, ...] = ()  # what consumes the block's output (see _follower)
 
@@ -427,6 +428,7 @@ def find_candidates(graph: fx.Graph) -> list[Candidate]:
             out_channels=_out_channels(conv, gm),
             out_dtype=_dtype(source, gm),
             stats_dtype=_dtype(bn.tensors[bn.form.channels], gm),
+            weight_dtype=_dtype(bn.tensors.get("weight"), gm),
             device=_device(source, conv.weight, gm),
             follower=_follower(bn.last, gm),
         ))

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import torch
+
 from .forms import Follow
 from .match import Candidate
 from .records import Action
@@ -72,9 +74,22 @@ def check_ratio(ratio: float) -> float:
     return float(ratio)
 
 
+def eval_fails(candidate: Candidate) -> bool:
+    """Whether Eval mode cannot run this block: ``F.batch_norm`` refuses half-precision
+    weights with float32 running statistics ("expected scalar type BFloat16 but found
+    Float"), the state FSDP2's ``MixedPrecisionPolicy(param_dtype=torch.bfloat16)``
+    leaves a BatchNorm in (it casts parameters, not buffers). Tune mode computes c in
+    float32 from the statistics and runs."""
+    half = (torch.float16, torch.bfloat16)
+    return candidate.weight_dtype in half and candidate.stats_dtype not in (None, *half)
+
+
 def decide(candidate: Candidate, policy: str, ratio: float = AUTO_RATIO) -> Choice:
     """The choice for one acceptable candidate under ``policy`` (``ratio``: the
     ``auto`` policy's activation-to-weight threshold)."""
+    if policy == "auto" and eval_fails(candidate):
+        return Choice(Action.TUNE, "Eval mode cannot run it: half-precision BatchNorm "
+                      "weights with float32 statistics")
     if policy == "memory":
         return Choice(Action.TUNE, "policy 'memory'")
     if policy == "keep_weight":

@@ -281,7 +281,7 @@ def _path_key(path: str) -> tuple[Any, ...]:
 # ---------------------------------------------------------------------------
 
 def compile_regions(model: nn.Module, example_inputs: Any, *, regions: Regions = None,
-                    policy: str = "auto", options: dict[str, Any] | None = None,
+                    policy: str | None = "auto", options: dict[str, Any] | None = None,
                     backend: str | Callable[..., Any] | None = None,
                     **compile_kwargs: Any) -> RegionPlan:
     """Compile ``model`` region by region, in place, with the pass in every region.
@@ -289,8 +289,9 @@ def compile_regions(model: nn.Module, example_inputs: Any, *, regions: Regions =
     ``regions`` as in :func:`plan_regions`; a list that would separate a conv
     from its BatchNorm is refused (``ValueError`` naming the pairs). Each region
     is compiled with ``torch.compile(..., options=convbn_pass.options(policy,
-    **options))`` (or ``backend=``, used as given: the caller puts the pass in
-    it, e.g. ``convbn_pass.backends.light(policy)``), and ``compile_kwargs`` go
+    **options))`` (``policy=None``: Inductor with ``options`` and no pass, the
+    baseline), or with ``backend=``, used as given (the caller puts the pass in
+    it, e.g. ``convbn_pass.backends.light(policy)``). ``compile_kwargs`` go
     to every ``torch.compile`` (``dynamic=``, ``fullgraph=``). If pairs lie
     outside every region (a ResNet stem), the root's forward is compiled the
     same way, with each region call a graph break. Undo with
@@ -302,7 +303,8 @@ def compile_regions(model: nn.Module, example_inputs: Any, *, regions: Regions =
     >>> len(plan.regions), len(plan.groups), plan.root, plan.split
     (16, 8, True, ())
     """
-    _policy.check_policy(policy)
+    if policy is not None:
+        _policy.check_policy(policy)
     plan = plan_regions(model, example_inputs, regions)
     if plan.split:
         listed = "; ".join(f"{s.pair.conv} → {s.pair.bn} (conv in {_name(s.conv_region)}, "
@@ -336,11 +338,12 @@ def _name(region: str | None) -> str:
     return "no region" if region is None else repr(region)
 
 
-def _compiler(policy: str, options: dict[str, Any] | None,
+def _compiler(policy: str | None, options: dict[str, Any] | None,
               backend: str | Callable[..., Any] | None,
               compile_kwargs: dict[str, Any]) -> Callable[[Callable[..., Any]], Any]:
     if backend is None:
-        opts = _inductor.options(policy, **(options or {}))
+        opts = dict(options or {}) if policy is None else _inductor.options(policy,
+                                                                             **(options or {}))
         return lambda fn: torch.compile(fn, options=opts, **compile_kwargs)
     if options:
         raise ValueError("compile_regions: options= is for the default Inductor backend; "

@@ -43,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", default="auto")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--options", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="further Inductor options for every mode (e.g. cpp_wrapper=True)")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/regional-compile"))
     p.add_argument("--worker", help=argparse.SUPPRESS)
     return p
@@ -50,6 +52,27 @@ def _parser() -> argparse.ArgumentParser:
 
 def _default_batch(model: str) -> int:
     return 4 if model == "unet" else 8
+
+
+def _option(text: str) -> tuple[str, Any]:
+    key, _, value = text.partition("=")
+    parsed: Any = {"True": True, "False": False}.get(value, value)
+    if isinstance(parsed, str) and parsed.lstrip("-").isdigit():
+        parsed = int(parsed)
+    return key, parsed
+
+
+# Deeper layouts than the zoo's, for where regional compilation should pay: ResNet-101
+# repeats one block shape 22 times in its third stage.
+EXTRA_MODELS = {"resnet101": ((3, 4, 23, 3), "ResNet-101 layout (Bottleneck)")}
+
+
+def _build(name: str, px: int) -> tuple[Any, tuple[int, ...]]:
+    from benchmarks import harness
+    from convbn_pass import zoo
+    if name in EXTRA_MODELS:
+        return zoo.ResNet(zoo.Bottleneck, list(EXTRA_MODELS[name][0])), (3, px, px)
+    return harness.build_model(name, px)
 
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
@@ -66,11 +89,11 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(1)
     cpp = _count_cpp_compiles(harness.cpu_seconds)
     torch.manual_seed(0)
-    model, shape = harness.build_model(spec["model"], spec["px"])
+    model, shape = _build(spec["model"], spec["px"])
     model = zoo.randomize_bn(model).eval()
     x = torch.randn(spec["batch"], *shape)
     mode, policy = spec["mode"], spec["policy"]
-    base = {"fx_graph_cache": False}
+    base = {"fx_graph_cache": False, **dict(_option(o) for o in spec.get("options", []))}
     start_cpu, start = harness.cpu_seconds(), time.perf_counter()
     plan = None
     if mode.startswith("whole"):
@@ -149,7 +172,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for model, batch in zip(args.models, batches):
             for mode in order:
                 spec = {"model": model, "batch": batch, "px": args.px, "mode": mode,
-                        "policy": args.policy}
+                        "policy": args.policy, "options": args.options}
                 load = _load()
                 result = _spawn(spec)
                 runs.append({**spec, "round": r, "load": load, **result})
@@ -206,7 +229,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "command.txt").write_text("python -m benchmarks.regional_compile "
                                      + " ".join(results["argv"]) + "\n")
-    text = f"# Regional compile time\n\ntorch {torch.__version__}, CPU.\n\n" + summary(results)
+    extra = f" Inductor options: {' '.join(args.options)}." if args.options else ""
+    text = (f"# Regional compile time\n\ntorch {torch.__version__}, CPU.{extra}\n\n"
+            + summary(results))
     (out / "results.md").write_text(text + "\n")
     print(text)
     return 0

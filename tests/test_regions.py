@@ -15,7 +15,7 @@ from torch._dynamo.utils import counters
 import convbn_pass
 from convbn_pass import backends, regions, zoo
 from convbn_pass.records import COUNTER
-from helpers import Step, errors
+from helpers import Step, check_every_pair_tuned, errors
 
 TOL = 1e-10
 
@@ -196,28 +196,7 @@ def test_regional_step_matches_eager_and_tunes_every_pair(name):
     got = Step(model, x, _compile(x))
     assert max(errors(got, ref).values()) <= TOL
     assert got.buffers_unchanged()
-    _check_every_pair_tuned(plan)
-
-
-def _check_every_pair_tuned(plan: regions.RegionPlan) -> None:
-    """Every region's pairs were tuned together in one graph (named from the region),
-    and the graphs that are no region's hold exactly the root's pairs."""
-    decided = convbn_pass.decisions()
-    assert decided and all(d.tuned for d in decided)
-    graphs: dict[int, set[tuple[str, str]]] = {}
-    for d in decided:
-        graphs.setdefault(d.graph, set()).add((d.conv, d.bn))
-    expected = {r: {(_rel(p.conv, r), _rel(p.bn, r)) for p in plan.pairs
-                    if plan.region_of(p) == r} for r in plan.regions}
-    for region, pairs in expected.items():
-        if pairs:
-            assert pairs in graphs.values(), region
-    rest = [g for g in graphs.values() if g not in expected.values()]
-    assert set().union(*rest) == {(p.conv, p.bn) for p in plan.pairs if plan.region_of(p) == ""}
-
-
-def _rel(path: str, region: str) -> str:
-    return path[len(region) + 1:]
+    check_every_pair_tuned(plan)
 
 
 def test_stem_is_tuned_in_the_root_graph():
@@ -241,7 +220,7 @@ def test_equal_blocks_share_one_graph():
     got = Step(model, x, _compile(x))
     assert counters["stats"]["unique_graphs"] - before == 1 + 8 + 2  # 1: the trace
     assert max(errors(got, ref).values()) <= TOL
-    _check_every_pair_tuned(plan)
+    check_every_pair_tuned(plan)
 
 
 def test_names_and_state_dict_unchanged():

@@ -58,7 +58,7 @@ from . import policy as _policy
 from .match import Candidate, find_candidates
 
 __all__ = ["Pair", "SplitPair", "RegionPlan", "find_pairs", "auto_regions", "split_pairs",
-           "plan_regions", "compile_regions", "uncompile_regions"]
+           "plan_regions", "compile_regions", "uncompile_regions", "describe"]
 
 _ATTR = "_convbn_region_compiled"  # the compiled function, in a compiled module's __dict__
 
@@ -261,6 +261,35 @@ def _resolve(model: nn.Module, regions: Sequence[str] | type | tuple[type, ...])
     if len(set(chosen)) != len(chosen):
         raise ValueError("regions: a path is listed twice")
     return chosen
+
+
+def describe(plan: RegionPlan) -> str:
+    """The plan as text, for people and for ``inspect``.
+
+    >>> from convbn_pass import zoo                # a ResNet-18 layout, auto regions
+    >>> model = zoo.ResNet(zoo.BasicBlock, [2, 2, 2, 2]).eval()
+    >>> print(describe(plan_regions(model, torch.randn(1, 3, 64, 64))))
+    20 conv-BN pairs; 8 regions in 7 groups; the root compiled too (1 pair in it)
+      group 1: layer1.0, layer1.1 (2 pairs each)
+      group 2: layer2.0 (3 pairs each)
+      ...
+      group 7: layer4.1 (2 pairs each)
+    no pair falls between regions
+    """
+    root_pairs = sum(plan.region_of(p) == "" for p in plan.pairs)
+    lines = [f"{len(plan.pairs)} conv-BN pairs; {len(plan.regions)} regions in "
+             f"{len(plan.groups)} groups; "
+             + (f"the root compiled too ({root_pairs} pair{'s' * (root_pairs != 1)} in it)"
+                if plan.root else "the root not compiled")]
+    for i, group in enumerate(plan.groups, 1):
+        held = sum(plan.region_of(p) == group[0] for p in plan.pairs)
+        lines.append(f"  group {i}: {', '.join(group)} ({held} pair{'s' * (held != 1)} each)")
+    if not plan.split:
+        lines.append("no pair falls between regions")
+    for s in plan.split:
+        lines.append(f"  split: {s.pair.conv} → {s.pair.bn} (conv in {_name(s.conv_region)}, "
+                     f"BN in {_name(s.bn_region)})")
+    return "\n".join(lines)
 
 
 def _inside(path: str, outer: str) -> bool:

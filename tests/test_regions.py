@@ -238,3 +238,14 @@ def test_policy_through_inductor_options():
     assert model.__dict__["_convbn_region_compiled"] is not None
     with pytest.raises(ValueError, match="unknown policy"):
         regions.compile_regions(copy.deepcopy(zoo.MLPBN()), torch.randn(2, 256), policy="fast")
+
+
+def test_describe_names_groups_root_and_splits():
+    model, x = _tiny("resnet")
+    text = regions.describe(regions.plan_regions(model, x))
+    assert text.splitlines()[0] == ("12 conv-BN pairs; 4 regions in 4 groups; the root "
+                                    "compiled too (1 pair in it)")
+    assert "  group 2: layer2.0 (3 pairs each)" in text and "no pair falls between" in text
+    split = regions.describe(regions.plan_regions(model, x, regions=["layer1.0.conv1"]))
+    assert "split: layer1.0.conv1 → layer1.0.bn1 (conv in 'layer1.0.conv1', BN in no region)" \
+        in split

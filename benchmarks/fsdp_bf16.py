@@ -85,12 +85,16 @@ def _worker(rank: int, port: int, seeds: list[int], out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
     found: dict[str, Any] = {}
+    # One backend per policy for the whole run: Dynamo keeps the root's graphs on the
+    # model class's code, and a new backend per compile would pile entries there until
+    # its recompile_limit (8) sends the root to eager.
+    backend = {policy: backends.light(policy) for policy, _ in ARMS.values()}
     try:
         for seed in seeds:
             for arm, (policy, stats) in ARMS.items():
                 model, batches = _model(seed), _batches(seed)
                 plan = regions.compile_regions(model, (batches[0].chunk(WORLD)[rank].float(),),
-                                               backend=backends.light(policy))
+                                               backend=backend[policy])
                 for module in model.modules():
                     if isinstance(module, nn.modules.batchnorm._BatchNorm):
                         module.running_mean.data = module.running_mean.data.to(stats)

@@ -371,13 +371,36 @@ def _compiler(policy: str | None, options: dict[str, Any] | None,
               backend: str | Callable[..., Any] | None,
               compile_kwargs: dict[str, Any]) -> Callable[[Callable[..., Any]], Any]:
     if backend is None:
-        opts = dict(options or {}) if policy is None else _inductor.options(policy,
-                                                                             **(options or {}))
+        opts = _inductor_options(policy, options or {})
         return lambda fn: torch.compile(fn, options=opts, **compile_kwargs)
     if options:
         raise ValueError("compile_regions: options= is for the default Inductor backend; "
                          "with backend= pass the backend's own settings")
     return lambda fn: torch.compile(fn, backend=backend, **compile_kwargs)
+
+
+# Options dicts by (policy, options, the user's pre-grad pass, auto ratio). Dynamo
+# keeps the root's graphs on the model class's own code objects and tells backends
+# apart by their options; a new pass object per call would be a new backend each
+# time, and after 8 calls for one model class (its recompile_limit) the root would
+# run eagerly. Reusing one dict per configuration lets those graphs be reused.
+_OPTIONS: dict[Any, dict[str, Any]] = {}
+
+
+def _inductor_options(policy: str | None, options: dict[str, Any]) -> dict[str, Any]:
+    from torch._inductor import config as inductor_config
+    try:
+        key = (policy, frozenset(options.items()), id(inductor_config.pre_grad_custom_pass),
+               _policy.AUTO_RATIO)
+        hash(key)
+    except TypeError:  # an unhashable option value: no reuse
+        key = None
+    if key is not None and key in _OPTIONS:
+        return _OPTIONS[key]
+    made = dict(options) if policy is None else _inductor.options(policy, **options)
+    if key is not None:
+        _OPTIONS[key] = made
+    return made
 
 
 def _groups(model: nn.Module, regions: Sequence[str]) -> tuple[tuple[str, ...], ...]:

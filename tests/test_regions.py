@@ -249,3 +249,13 @@ def test_describe_names_groups_root_and_splits():
     split = regions.describe(regions.plan_regions(model, x, regions=["layer1.0.conv1"]))
     assert "split: layer1.0.conv1 → layer1.0.bn1 (conv in 'layer1.0.conv1', BN in no region)" \
         in split
+
+
+def test_repeated_compiles_share_one_backend_configuration():
+    """Equal settings give the very same options dict (so Dynamo sees one backend and
+    reuses the root's graphs, instead of dropping to eager after 8 compiles of one
+    model class); other settings give another."""
+    first = regions._inductor_options("memory", {"fx_graph_cache": False})
+    assert regions._inductor_options("memory", {"fx_graph_cache": False}) is first
+    assert regions._inductor_options("auto", {"fx_graph_cache": False}) is not first
+    assert regions._inductor_options(None, {}) == {}

@@ -14,7 +14,6 @@ from torch._dynamo.utils import counters
 
 import convbn_pass
 from convbn_pass import backends, regions, zoo
-from convbn_pass.records import COUNTER
 from helpers import Step, check_every_pair_tuned, errors
 
 TOL = 1e-10

@@ -258,3 +258,26 @@ def test_repeated_compiles_share_one_backend_configuration():
     assert regions._inductor_options("memory", {"fx_graph_cache": False}) is first
     assert regions._inductor_options("auto", {"fx_graph_cache": False}) is not first
     assert regions._inductor_options(None, {}) == {}
+
+
+class _Blocks(nn.Module):
+    def __init__(self, blocks: list[nn.Module]) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([b(x).flatten(1) for b in self.blocks], 1)
+
+
+def test_more_block_shapes_than_the_recompile_limit():
+    """Ten blocks of one class in ten shapes: torch.compile on each would hit Dynamo's
+    recompile limit (8 entries on the class's forward) and run the last ones eagerly;
+    each group here has a cache line of its own, so all 40 pairs are tuned."""
+    torch.manual_seed(0)
+    model = zoo.randomize_bn(_Blocks([zoo.Bottleneck(8, 4 + i) for i in range(10)])).eval()
+    x = torch.randn(1, 8, 8, 8)
+    with torch._dynamo.config.patch(recompile_limit=8):
+        plan = regions.compile_regions(model, x, backend=backends.light("memory"))
+        model(x)
+    assert len(plan.groups) == 10 and not plan.root
+    assert counters["convbn_pass"]["tuned"] == 40

@@ -55,7 +55,7 @@ import torch.nn as nn
 
 from . import inductor as _inductor
 from . import policy as _policy
-from .match import Candidate, find_candidates
+from .match import find_candidates, module_path
 
 __all__ = ["Pair", "SplitPair", "RegionPlan", "find_pairs", "auto_regions", "split_pairs",
            "plan_regions", "compile_regions", "uncompile_regions", "describe"]
@@ -135,25 +135,34 @@ def find_pairs(model: nn.Module, example_inputs: Any) -> tuple[Pair, ...]:
     paths = {id(m): path for path, m in model.named_modules(remove_duplicate=False)}
     pairs: list[Pair] = []
     for graph in _trace(model, _as_tuple(example_inputs)):
+        stacks = _stacks(graph)
         for cand in find_candidates(graph):
-            pairs.append(_pair(cand, paths))
+            conv_calls = _calls(stacks.get(cand.conv_path), paths)
+            bn_calls = _calls(stacks.get(cand.bn_path), paths)
+            pairs.append(Pair(conv_calls[-1] if conv_calls else cand.conv_path,
+                              bn_calls[-1] if bn_calls else cand.bn_path, str(cand.op),
+                              conv_calls, bn_calls,
+                              None if cand.reject is None else str(cand.reject)))
     return tuple(pairs)
 
 
-def _pair(cand: Candidate, paths: dict[int, str]) -> Pair:
-    conv_calls = _calls(cand.conv.node, paths)
-    bn_calls = _calls(cand.bn.node, paths)
-    conv = conv_calls[-1] if conv_calls else cand.conv_path
-    bn = bn_calls[-1] if bn_calls else cand.bn_path
-    return Pair(conv, bn, cand.op, conv_calls, bn_calls, cand.reject)
+def _stacks(graph: fx.Graph) -> dict[str, Any]:
+    """Each module path the matcher names a node by (``match.module_path``: the
+    innermost module call, relative to the traced frame) and that node's module
+    call stack: every node of one module call shares it."""
+    stacks: dict[str, Any] = {}
+    for node in graph.nodes:
+        stacks.setdefault(module_path(node), node.meta.get("nn_module_stack"))
+    return stacks
 
 
-def _calls(node: fx.Node, paths: dict[int, str]) -> tuple[str, ...]:
-    """The module calls around ``node``, as paths from the root. Dynamo keys its
-    ``nn_module_stack`` by ``id(module)`` (``"<id>"`` or ``"<id>@<call>"``); an id
-    not found among the model's modules is left out."""
+def _calls(stack: Any, paths: dict[int, str]) -> tuple[str, ...]:
+    """The module calls of a node's ``nn_module_stack``, as paths from the root.
+    Dynamo keys that stack by ``id(module)`` (``"<id>"`` or ``"<id>@<call>"``), which
+    names the module whichever frame was traced; an id not found among the model's
+    modules is left out."""
     found = []
-    for key in (node.meta.get("nn_module_stack") or {}):
+    for key in (stack or {}):
         ident = str(key).split("@")[0]
         path = paths.get(int(ident)) if ident.isdigit() else None
         if path is not None and path != "":

@@ -125,3 +125,25 @@ def counts() -> dict[str, int]:
 
 def tuned() -> int:
     return counters[COUNTER]["tuned"]
+
+
+def check_every_pair_tuned(plan: Any) -> None:
+    """Every region of a ``convbn_pass.regions.RegionPlan`` had its pairs tuned together
+    in one graph (named from the region), and the graphs that are no region's hold
+    exactly the root's pairs."""
+    decided = convbn_pass.decisions()
+    assert decided and all(d.tuned for d in decided)
+    graphs: dict[int, set[tuple[str, str]]] = {}
+    for d in decided:
+        graphs.setdefault(d.graph, set()).add((d.conv, d.bn))
+    expected = {r: {(_rel(p.conv, r), _rel(p.bn, r)) for p in plan.pairs
+                    if plan.region_of(p) == r} for r in plan.regions}
+    for region, pairs in expected.items():
+        if pairs:
+            assert pairs in graphs.values(), region
+    rest = [g for g in graphs.values() if g not in expected.values()]
+    assert set().union(*rest) == {(p.conv, p.bn) for p in plan.pairs if plan.region_of(p) == ""}
+
+
+def _rel(path: str, region: str) -> str:
+    return path[len(region) + 1:]

@@ -337,6 +337,8 @@ def test_a_baseline_that_ran_the_pass_is_refused() -> None:
     (["resnet_tiny", "--device", "nonsense"], "unknown device 'nonsense'"),
     (["resnet_tiny", "--device", "cuda:99"], "device 'cuda:99'"),
     (["resnet_tiny", "--bogus"], "unrecognized arguments: --bogus"),
+    (["resnet_tiny", "--regions", "layer9"], "regions: no submodule 'layer9' in ResNet"),
+    (["resnet_tiny", "--regions", "layer1,layer1.0"], "'layer1.0' lies inside region 'layer1'"),
 ])
 def test_bad_input(argv: list[str], message: str) -> None:
     # torchvision and timm do not import, whether or not they are installed.
@@ -348,6 +350,27 @@ def test_bad_input(argv: list[str], message: str) -> None:
     assert err.startswith("convbn_pass.inspect: error: ")
     assert message in err
     assert "Traceback" not in err
+
+
+def test_regions_show_the_plan_and_compile_nothing() -> None:
+    status, out, err = _run(*TINY, "--regions", "auto")
+    assert (status, err) == (0, "")
+    assert out.splitlines()[0] == ("resnet_tiny: 12 conv-BN pairs; 4 regions in 4 groups; "
+                                   "the root compiled too (1 pair in it)")
+    assert out.splitlines()[-1] == "no pair falls between regions"
+    assert convbn_pass.decisions() == []  # nothing was compiled with the pass
+
+
+def test_regions_name_the_pairs_a_boundary_would_separate() -> None:
+    report = _json(*TINY, "--regions", "layer1.0.conv1,layer2")
+    assert report["regions"] == ["layer1.0.conv1", "layer2"]
+    assert report["split"] == [{"conv": "layer1.0.conv1", "bn": "layer1.0.bn1",
+                                "conv_region": "layer1.0.conv1", "bn_region": None}]
+    by_conv = {p["conv"]: p["region"] for p in report["pairs"]}
+    assert by_conv["layer2.0.conv1"] == "layer2" and by_conv["conv1"] == ""
+    assert by_conv["layer1.0.conv1"] is None
+    status, out, _ = _run(*TINY, "--regions", "BasicBlock")
+    assert status == 0 and "no pair falls between regions" in out
 
 
 def test_debug_adds_the_traceback() -> None:

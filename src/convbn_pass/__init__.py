@@ -6,6 +6,8 @@
     model = torch.compile(model, options=convbn_pass.options())   # this compile only
     # or, for every later compile of the process:
     convbn_pass.enable()
+    # or by regions (each block compiled on its own, pairs never split), e.g. before FSDP2:
+    convbn_pass.compile_regions(model, example_inputs)
 
 BatchNorm layers that run on running statistics (``model.eval()`` BN, the usual
 fine-tuning setup) become one convolution whose weights are rebuilt from the
@@ -23,13 +25,14 @@ import torch.fx as fx
 from .forms import norm_module_form
 from .inductor import ConvBNPass, GraphRewrite, disable, enable, enabled, is_enabled, options
 from .policy import AUTO_RATIO, POLICIES
+from .regions import compile_regions, plan_regions, uncompile_regions
 from .records import REASONS, Action, Decision, Reason, clear_decisions, decisions
 from .rewrite import run
 
 __all__ = [
     "apply", "enable", "disable", "enabled", "is_enabled", "options", "ConvBNPass",
     "GraphRewrite", "Decision", "Action", "Reason", "decisions", "clear_decisions",
-    "POLICIES", "REASONS", "AUTO_RATIO",
+    "POLICIES", "REASONS", "AUTO_RATIO", "compile_regions", "plan_regions", "uncompile_regions",
 ]
 
 __version__ = "0.1.0"

@@ -7,6 +7,7 @@
     python -m convbn_pass.inspect resnet50 --policy memory --graphs after
     python -m convbn_pass.inspect mypkg.models:build --shape 3,224,224 --batch 16
     python -m convbn_pass.inspect torchvision:resnet50 --backend inductor --out report/
+    python -m convbn_pass.inspect resnet50 --regions auto   # regions, compiling nothing
 
 The model is compiled twice: once without the pass (the baseline) and once
 with it, each compile with its own options, with Inductor's FX graph cache and
@@ -31,6 +32,11 @@ Progress goes to stderr; stdout carries only the report (``convbn_pass.report``
 documents the JSON schema). Exit status: 0 on success (a model without candidate
 pairs included), 2 for bad input (one line on stderr; ``--debug`` adds the
 traceback), 1 when compiling or measuring fails.
+
+``--regions`` compiles nothing: it traces the model once and prints the plan
+:func:`convbn_pass.compile_regions` would follow (``auto``, module paths
+separated by commas, or a module class name), and every conv-BN pair that
+those regions would separate.
 """
 
 from __future__ import annotations
@@ -54,7 +60,7 @@ import torch.nn as nn
 from torch._functorch import config as functorch_config
 
 import convbn_pass
-from . import backends, compat, memory, models, report
+from . import backends, compat, memory, models, regions, report
 from .inductor import GraphRewrite, user_passes
 from .printing import format_graph
 from .records import COUNTER, current_compile_id
@@ -117,6 +123,11 @@ def _parser() -> argparse.ArgumentParser:
                    + " (default light: inductor compiles slower)")
     p.add_argument("--graphs", choices=("none", "before", "after", "both"), default="none",
                    help="graphs to print in the report (default none)")
+    p.add_argument("--regions", metavar="SPEC",
+                   help="compile nothing; show the regions compile_regions would compile and "
+                   "the pairs they would separate. SPEC: auto (the outermost modules that "
+                   "hold whole pairs), module paths separated by commas (layer1,layer2.0), "
+                   "or a module class name (Bottleneck)")
     p.add_argument("--format", choices=("text", "json"), default="text")
     p.add_argument("--out", type=pathlib.Path, metavar="DIR",
                    help=f"also write {', '.join(_OUT_FILES)} there")
@@ -369,6 +380,34 @@ def _inspect(args: argparse.Namespace, progress: _Progress
     return _report(args, model, x, baseline, tuned), tuned.kept
 
 
+def _regions(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """The region plan for ``--regions`` as text and as JSON."""
+    model, x = _prepare(args)
+    chosen = _region_spec(model.module, args.regions)
+    try:
+        plan = regions.plan_regions(model.module, (x,), chosen)
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
+    data = {
+        "model": args.model, "regions": list(plan.regions), "root_compiled": plan.root,
+        "groups": [list(g) for g in plan.groups],
+        "pairs": [{"conv": p.conv, "bn": p.bn, "op": p.op, "region": plan.region_of(p),
+                   "reject": p.reject} for p in plan.pairs],
+        "split": [{"conv": s.pair.conv, "bn": s.pair.bn, "conv_region": s.conv_region,
+                   "bn_region": s.bn_region} for s in plan.split],
+    }
+    return f"{args.model}: {regions.describe(plan)}\n", data
+
+
+def _region_spec(module: nn.Module, spec: str) -> regions.Regions:
+    if spec == "auto":
+        return None
+    classes = {type(m) for m in module.modules() if type(m).__name__ == spec}
+    if classes:
+        return tuple(classes)
+    return tuple(p.strip() for p in spec.split(",") if p.strip())
+
+
 def _print(text: str) -> None:
     """``text`` to stdout; a reader that closed the pipe early (``| head``) is not an
     error."""
@@ -392,6 +431,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 0
     if args.list:
         _print(models.model_list() + "\n")
+        return 0
+    if args.regions is not None:
+        try:
+            text, data = _regions(args)
+        except _UsageError as exc:
+            print(f"{PROG}: error: {exc}", file=sys.stderr)
+            return 2
+        _print(json.dumps(data, indent=2) + "\n" if args.format == "json" else text)
         return 0
     progress = _Progress(args.quiet)
     try:

@@ -183,7 +183,10 @@ def test_compiling_twice_is_refused_and_undo_restores():
 
 # ResNet-50's step is in test_equal_blocks_share_one_graph; EfficientNet-lite has
 # MobileNetV2's layout with squeeze-excite (52 regions, 25 s on 2 busy cores): slow.
-STEP_MODELS = [pytest.param(n, marks=pytest.mark.slow) if n == "efficientnet_lite" else n
+# MobileNetV2 and EfficientNet compile one region per conv-BN-activation Sequential (52
+# and 49 regions): a minute or more each on 2 cores, so they run with -m slow.
+STEP_MODELS = [pytest.param(n, marks=pytest.mark.slow)
+               if n in ("efficientnet_lite", "mobilenet_v2") else n
                for n in MODELS if n != "resnet50"]
 
 

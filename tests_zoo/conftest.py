@@ -10,6 +10,7 @@ on every compile and its records are exact.
 from __future__ import annotations
 
 import importlib
+import logging
 import pathlib
 
 import pytest
@@ -42,6 +43,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if _HERE in pathlib.Path(str(item.path)).parents:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_logs(caplog: pytest.LogCaptureFixture) -> None:
+    """Keep warnings and errors in a failure's report, not the thousands of DEBUG
+    records torch's structured trace logger emits per compile."""
+    caplog.set_level(logging.WARNING)
 
 
 @pytest.fixture(autouse=True)

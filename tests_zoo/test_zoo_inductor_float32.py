@@ -10,13 +10,26 @@ Only gradients that are well conditioned at float32's noise level are judged.
 With ReLU and max-pool networks and random statistics, a few pre-activations
 lie within float32 rounding of a kink; one of them landing on the other side
 changes every upstream gradient by ~1e-3 while every activation is as accurate
-as without the pass (measured on ResNet-50 with random frozen statistics: a
-single flipped ReLU mask at layer3.4 gave 2e-3 on every gradient above it). Such
-a gradient is discontinuous at the test point and says nothing about the
-rewrite. :func:`sensitivity` finds them in float64: the input moved by 1e-5 of
-its mean magnitude (well above float32's relative rounding, 6e-8), three draws;
-a gradient that moves by more than 1e-4 is not judged. How many are judged is
-printed and recorded, and at least half must be.
+as without the pass. Measured on the ResNet-50 below at batch 2, 96 px, input
+seed 1, policy ``memory``: one ReLU input of layer3.4 (bn2, element
+[0, 212, 5, 4]) is +1.7e-5 in float64 and -8.6e-6 in float32 (the tensor's
+largest entry is 238; all its entries are within 3.4e-6 of that entry of
+float64, eager float32 within 1.6e-6), and every gradient above it is 4e-4 to
+8e-4 off while those below it stay at 1e-6. Such a gradient is discontinuous at
+the test point and says nothing about the rewrite.
+
+:func:`sensitivity` finds them in float64: the input moved by 1e-4 of its mean
+magnitude, DRAWS random directions; a gradient that moves by more than 1e-4 is
+not judged. 1e-5 was too small: it moved that layer3.4 element by ~2e-5 (median
+over the tensor), less than float32's own error there (2.6e-5), and three draws
+left it unflipped. A smooth gradient moves by ~4e-6 under 1e-4; one flip moves
+gradients by 5e-4 to 2e-3. Even so, most gradients are discontinuous at many
+inputs (ResNet-50, batch 2 at 96 px: 22 to 68 of 162 judged over three input
+seeds; Faster R-CNN's backbone, batch 1 at 128 px: 16 to 26 of 70 over eight), so
+the test point is chosen without the pass, by :func:`choose_input`: a small input
+(batch 1 at 64 px: fewer elements, fewer near-ties) and, of eight seeds, the one
+at which the most gradients are well conditioned. How many are judged is printed
+and recorded, and at least half must be.
 
 The judge can fail: :func:`test_judge_catches_a_wrong_rewrite` feeds it a
 rewrite whose only fault is BatchNorm's eps taken ten times too large.
@@ -39,8 +52,10 @@ import convbn_pass.backends
 from tests_zoo import zoo_models
 from tests_zoo.zoo_models import Case, Step
 
-PERTURBATION = 1e-5   # of the input's mean magnitude, for the conditioning probe
-DRAWS = 3
+PERTURBATION = 1e-4   # of the input's mean magnitude, for the conditioning probe
+DRAWS = 8             # one near-tie escapes all draws with probability ~2**-8
+SEEDS = tuple(range(1, 9))  # input seeds choose_input tries
+ENOUGH = 0.9          # choose_input stops at a seed where this share of gradients is judged
 SENSITIVITY_LIMIT = 1e-4  # a gradient moving more than this under the probe is not judged
 RATIO = 4.0           # the pass's error may be this many times the larger baseline's
 FLOOR = 1e-6          # baselines below this count as this (~8 float32 ulps)
@@ -73,6 +88,26 @@ def sensitivity(model: torch.nn.Module, x: torch.Tensor, ref: Step) -> dict[str,
     return worst
 
 
+def choose_input(case: Case, model: torch.nn.Module
+                 ) -> tuple[int, torch.Tensor, Step, dict[str, float]]:
+    """Of the input seeds SEEDS, the one at which the most float64 gradients are
+    well conditioned (the first at which a share ENOUGH is): seed, input,
+    reference step and sensitivities. Chosen without running the pass."""
+    best: tuple[int, int, torch.Tensor, Step, dict[str, float]] | None = None
+    for seed in SEEDS:
+        x = zoo_models.sample(case, seed=seed)
+        reference = copy.deepcopy(model)
+        ref = zoo_models.train_step(reference, reference, x)
+        sens = sensitivity(model, x, ref)
+        judged = sum(s <= SENSITIVITY_LIMIT for s in sens.values())
+        if best is None or judged > best[0]:
+            best = (judged, seed, x, ref, sens)
+        if judged >= ENOUGH * len(sens):
+            break
+    assert best is not None
+    return best[1:]
+
+
 def violations(errors: dict[str, float], baselines: list[dict[str, float]],
                judged: list[str]) -> list[str]:
     """The judged gradients whose error exceeds RATIO times the larger baseline
@@ -91,6 +126,7 @@ class Float32Run:
     """Everything measured once per model, shared by the tests."""
 
     model32: torch.nn.Module
+    seed: int                              # the input seed choose_input took
     x32: torch.Tensor
     ref: Step                              # eager float64
     sensitivity: dict[str, float]
@@ -112,10 +148,10 @@ def _inductor_step(model: torch.nn.Module, x: torch.Tensor, policy: str | None) 
 
 
 def _measure(case: Case, policies: tuple[str, ...]) -> Float32Run:
-    model64, x64 = zoo_models.build(case), zoo_models.sample(case)
-    reference = copy.deepcopy(model64)
-    ref = zoo_models.train_step(reference, reference, x64)
-    sens = sensitivity(model64, x64, ref)
+    """Everything but the judging: the test point, float64 and float32 eager
+    steps, and one Inductor compile per policy (and one without the pass)."""
+    model64 = zoo_models.build(case)
+    seed, x64, ref, sens = choose_input(case, model64)
     model32, x32 = zoo_models.build(case, dtype=torch.float32), x64.float()
     eager_model = copy.deepcopy(model32)
     eager = gradient_errors(zoo_models.train_step(eager_model, eager_model, x32), ref)
@@ -125,10 +161,14 @@ def _measure(case: Case, policies: tuple[str, ...]) -> Float32Run:
         convbn_pass.clear_decisions()
         errors[policy] = gradient_errors(_inductor_step(model32, x32, policy), ref)
         tuned[policy] = sum(d.tuned for d in convbn_pass.decisions())
-    return Float32Run(model32, x32, ref, sens, eager, errors, tuned)
+    return Float32Run(model32, seed, x32, ref, sens, eager, errors, tuned)
 
 
 _POLICIES = {"torchvision-resnet50": ("memory", "auto")}
+# Each Inductor compile of these models takes 35 s to 4 min on 2 shared cores; the
+# default policy's run adds one and tunes 8 of ResNet-50's 53 pairs at this input
+# (``memory`` tunes all), so it runs with ``-m slow``.
+_SLOW = {("torchvision-resnet50", "auto")}
 _RUNS: dict[str, Float32Run] = {}
 
 
@@ -138,7 +178,8 @@ def float32_run(case: Case) -> Float32Run:
     return _RUNS[case.id]
 
 
-_PARAMS = [pytest.param(case, policy, id=f"{case.id}-{policy}")
+_PARAMS = [pytest.param(case, policy, id=f"{case.id}-{policy}",
+                        marks=[pytest.mark.slow] if (case.id, policy) in _SLOW else [])
            for case in zoo_models.FLOAT32_CASES
            for policy in _POLICIES.get(case.id, ("memory",))]
 
@@ -154,7 +195,7 @@ def test_float32_as_close_as_without_pass(case: Case, policy: str, record_proper
     names = list(run.sensitivity)
     errors = run.errors[policy]
     record_property("judged", f"{len(judged)} of {len(names)}")
-    print(f"{case.id} {policy}: {run.tuned[policy]} pairs tuned; {len(judged)} of "
+    print(f"{case.id} {policy}, input seed {run.seed}: {run.tuned[policy]} pairs tuned; {len(judged)} of "
           f"{len(names)} gradients judged; median error {statistics.median(errors[n] for n in judged):.1e}"
           f" (without pass {statistics.median(run.errors[None][n] for n in judged):.1e}, "
           f"eager float32 {statistics.median(run.eager[n] for n in judged):.1e})")

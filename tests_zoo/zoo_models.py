@@ -362,11 +362,11 @@ def _detector_backbone(name: str) -> Callable[[], nn.Module]:
 
 # End to end through Inductor in float32 (tests_zoo/test_zoo_inductor_float32.py).
 FLOAT32_CASES: tuple[Case, ...] = (
-    Case("torchvision-resnet50", _tv("resnet50"), (2, 3, 96, 96), about="ReLU, max-pool"),
-    Case("timm-efficientnet_b0", _timm("efficientnet_b0"), (2, 3, 96, 96),
+    Case("torchvision-resnet50", _tv("resnet50"), (1, 3, 64, 64), about="ReLU, max-pool"),
+    Case("timm-efficientnet_b0", _timm("efficientnet_b0"), (1, 3, 64, 64),
          about="BatchNormAct2d, SiLU"),
     Case("torchvision-fasterrcnn_resnet50_fpn-backbone",
-         _detector_backbone("fasterrcnn_resnet50_fpn"), (1, 3, 128, 128),
+         _detector_backbone("fasterrcnn_resnet50_fpn"), (1, 3, 64, 64),
          about="FrozenBatchNorm2d ResNet-50 and FPN"),
 )
 

@@ -26,6 +26,7 @@ import torch.nn as nn
 from convbn_pass import deploy, policy, zoo
 
 from . import harness
+from .records import BlockResult
 
 __all__ = ["BLOCK_MODES", "model_blocks", "measure_blocks"]
 
@@ -46,12 +47,15 @@ def _describe(conv: nn.Module) -> str:
     return text
 
 
+Modules = tuple[nn.Module, nn.Module, nn.Module]  # conv, BatchNorm, the activation after it
+
+
 def model_blocks(model_name: str, batch: int, px: int,
-                 seed: int = 0) -> list[dict[str, Any]]:
-    """The distinct Conv→BN blocks of a model at this batch: the modules, the input
-    shape, and how many times each occurs."""
+                 seed: int = 0) -> list[tuple[BlockResult, Modules]]:
+    """The distinct Conv→BN blocks of a model at this batch, each as its record (not
+    measured yet: input shape, sizes, how many times it occurs) and its modules."""
     torch.manual_seed(seed)
-    model, shape = harness.build_model(model_name, px)
+    model, shape = harness.load_model(model_name, px)
     model = zoo.randomize_bn(model, seed).eval()
     x = torch.randn(batch, *shape)
     pairs = deploy.pairs(model, x)
@@ -65,28 +69,28 @@ def model_blocks(model_name: str, batch: int, px: int,
         model(x)
     for hook in hooks:
         hook.remove()
-    found: dict[tuple[Any, ...], dict[str, Any]] = {}
+    found: dict[tuple[Any, ...], tuple[BlockResult, Modules]] = {}
     for conv_path, bn_path in pairs:
         conv = model.get_submodule(conv_path)
         in_shape = shapes[conv_path]
         key = (repr(conv), in_shape)
         if key in found:
-            found[key]["count"] += 1
-            found[key]["paths"].append(conv_path)
+            found[key][0].count += 1
+            found[key][0].paths.append(conv_path)
             continue
         with torch.no_grad():
             out = conv(torch.zeros(in_shape))
         channels = out.shape[1]
         act = _activation_after(model, bn_path)
-        found[key] = {
-            "block": _describe(conv) + f" +{type(act).__name__}", "input_shape": list(in_shape),
-            "count": 1,
-            "paths": [conv_path], "weight_numel": conv.weight.numel(),
-            "activation_numel": out.numel(),
+        ratio = out.numel() / conv.weight.numel()
+        record = BlockResult(
+            model_name, batch, input_shape=list(in_shape), px=px,
+            block=_describe(conv) + f" +{type(act).__name__}", paths=[conv_path],
+            weight_numel=conv.weight.numel(), activation_numel=out.numel(),
             # Output positions N·H·W = MACs / weight elements, for every conv kind.
-            "positions": out.numel() // channels,
-            "modules": (conv, model.get_submodule(bn_path), act),
-        }
+            positions=out.numel() // channels, act_over_weight=ratio,
+            auto_action="tune" if ratio >= policy.AUTO_RATIO else "eval")
+        found[key] = (record, (conv, model.get_submodule(bn_path), act))
     return list(found.values())
 
 
@@ -111,27 +115,23 @@ def _activation_after(model: nn.Module, bn_path: str) -> nn.Module:
 
 
 def measure_blocks(model_name: str, batch: int, settings: harness.Settings,
-                   budget: harness.Budget, log: harness.Log) -> list[dict[str, Any]]:
+                   budget: harness.Budget, log: harness.Log) -> list[BlockResult]:
     """Measure every distinct block of the model at this batch."""
     results = []
     blocks = model_blocks(model_name, batch, settings.px, settings.seed)
     modes = harness.modes_for(BLOCK_MODES)
     estimate = 0.0
-    for i, block in enumerate(blocks, 1):
+    for i, (block, (conv, bn, act)) in enumerate(blocks, 1):
         if not budget.allows(3 * estimate + 10):
             log(f"  block {i}/{len(blocks)} and later skipped: time budget")
             break
-        conv, bn, act = block.pop("modules")
         module = nn.Sequential(copy.deepcopy(conv), copy.deepcopy(bn), act).eval()
-        x = torch.randn(*block["input_shape"])
-        ratio = block["activation_numel"] / block["weight_numel"]
-        log(f"  block {i}/{len(blocks)} {block['block']} in {tuple(x.shape)}: "
-            f"activation/weight = {ratio:.2f}")
+        x = torch.randn(*(block.input_shape or []))
+        log(f"  block {i}/{len(blocks)} {block.block} in {tuple(x.shape)}: "
+            f"activation/weight = {block.act_over_weight:.2f}")
         torch._dynamo.reset()
-        measured = harness.measure_module(module, x, settings, modes, budget, log, estimate)
-        estimate = max(estimate, measured.get("max_first_s", 0.0))
-        auto = "tune" if ratio >= policy.AUTO_RATIO else "eval"
-        results.append({"model": model_name, "batch": batch, "px": settings.px, **block,
-                        "act_over_weight": ratio, "auto_action": auto, **measured})
+        harness.measure_module(block, module, x, settings, modes, budget, log, estimate)
+        estimate = max(estimate, block.max_first_s or 0.0)
+        results.append(block)
         torch._dynamo.reset()
     return results

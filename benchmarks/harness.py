@@ -2,11 +2,17 @@
 
 One *cell* is a model at one batch size and image size. Each mode gets a fresh
 deep copy of the same model (same weights, same BatchNorm statistics) and, when
-compiled, its own ``torch.compile(..., options=...)``: Dynamo reuses a compiled
-graph for every instance of a model class unless the backend differs
-(DESIGN.md, fact 7), and distinct ``options`` make a distinct backend. After each
+compiled, its own ``torch.compile(..., options=...)``. Dynamo reuses a compiled
+graph for a second instance of the same model class when the backend is the
+same, whatever the global config says: two copies compiled with the pass enabled
+through the global config after a plain compile gave 0 rewrites and identical
+saved bytes. ``torch.compile(model, options={...})`` makes a distinct backend,
+which rewrote all 20 pairs of a ResNet-18 in the same process. After each
 compile the harness checks that the mode really compiled a graph of its own and
-that the rewrite it stands for fired (``checks`` in the results).
+that the rewrite it stands for fired (``checks`` in the results); the pass's
+decisions come from the ``on_graph`` callback in that mode's own options.
+
+Results are the typed records of ``records.py``.
 
 Figures per mode:
 
@@ -17,43 +23,46 @@ Figures per mode:
   ``compile_twin`` is a second instance of the baseline and its ratio is the noise;
 - ``first_s`` / ``compile_s``: the first call (Dynamo + AOTAutograd + Inductor,
   forward and backward) and that minus a steady step;
-- ``tuned`` / ``builtin_rewrites``: rewrites counted around this mode's compile;
+- ``tuned`` / ``builtin_rewrites``: the pass's tuned pairs (its ``on_graph``) and
+  the built-in pass's rewrites (PyTorch's counter) in this mode's compile;
 - ``peak_bytes`` (CUDA only): allocator peak of one step above what was allocated
   before it. On CPU, peak RSS comes from ``peak_rss`` in a fresh process.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import dataclasses
 import gc
 import math
-import operator
 import os
 import resource
 import shutil
 import statistics
 import tempfile
 import time
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
 from torch._dynamo.utils import counters
 
 import convbn_pass
-from torch._inductor.custom_graph_pass import CustomGraphPass
-
-from convbn_pass import backends, deploy, memory, tune, zoo
+from convbn_pass import backends, deploy, memory, models, zoo
 from convbn_pass.records import COUNTER
+from convbn_pass.step import backward, train_step
 
-__all__ = ["Mode", "MODES", "modes_for", "Settings", "Budget", "Unavailable", "build_model",
-           "measure_cell", "measure_module", "light_cell", "peak_rss_worker", "train_step",
-           "weight_shaped_bytes", "warm_up_compiler", "environment"]
+from .records import CellResult, LightCell, ModeResult, PairDecision, RssResult
+
+__all__ = ["Mode", "MODES", "modes_for", "Settings", "Budget", "load_model", "measure_cell",
+           "measure_module", "light_cell", "peak_rss_worker", "weight_shaped_bytes",
+           "warm_up_compiler", "environment"]
 
 BUILTIN_COUNTER = "efficient_conv_bn_eval"  # counters["inductor"][...] of PyTorch's pass
 BASE_OPTIONS: dict[str, Any] = {"fx_graph_cache": False}  # so that every pass runs every time
+OnGraph = Callable[[convbn_pass.GraphRewrite], None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,22 +74,18 @@ class Mode:
     builtin: bool = False         # PyTorch's efficient_conv_bn_eval pass
     deploy: bool = False          # BatchNorm folded into the conv once
     twin: bool = False            # a second instance of the baseline: measures noise
-    extra: tuple[tuple[str, Any], ...] = ()  # further Inductor options
-    bias_apart: bool = False      # the (folded or fused) bias added after a bias-free conv
-    auto_ratio: float | None = None  # policy.AUTO_RATIO while this mode compiles
 
-    def options(self) -> dict[str, Any]:
-        """This mode's ``torch.compile`` options. Equal dicts make equal backends,
-        which Dynamo lets share graphs: only the twin is meant to share."""
-        opts = dict(BASE_OPTIONS, **dict(self.extra))
+    def options(self, on_graph: OnGraph | None = None) -> dict[str, Any]:
+        """This mode's ``torch.compile`` options; ``on_graph`` receives the pass's
+        graphs and decisions. Equal dicts make equal backends, which Dynamo lets
+        share graphs: only the twin is meant to share."""
+        opts = dict(BASE_OPTIONS)
         if self.name == "compile_again":
             opts["trace.enabled"] = False  # the default value: same code, another backend
         if self.builtin:
             opts["efficient_conv_bn_eval_fx_passes"] = True
         if self.policy is not None:
-            opts = convbn_pass.options(self.policy, **opts)
-            if self.bias_apart:
-                opts["pre_grad_custom_pass"] = _SplitBiasAfter(opts["pre_grad_custom_pass"])
+            opts = convbn_pass.options(self.policy, on_graph=on_graph, **opts)
         return opts
 
 
@@ -99,39 +104,6 @@ def _modes() -> dict[str, Mode]:
     ]
     found += [Mode(f"pass_{policy}", f"torch.compile with convbn_pass, policy {policy!r}",
                    policy=policy) for policy in convbn_pass.POLICIES]
-    # Inductor's layout optimisation turned off: it saves a channels-last copy of every
-    # conv weight for backward (see NOTES.md). Asked for by name.
-    no_layout = (("layout_optimization", False),)
-    found += [
-        Mode("compile_nolayout", "compile without a pass, layout_optimization=False",
-             extra=no_layout),
-        Mode("pass_memory_nolayout", "convbn_pass 'memory', layout_optimization=False",
-             policy="memory", extra=no_layout),
-        Mode("deploy_nolayout", "Deploy mode, layout_optimization=False", deploy=True,
-             extra=no_layout),
-        # Deploy mode with each folded bias added after a bias-free conv, so the conv's
-        # backward computes no bias gradient (Inductor fuses the add into what follows).
-        Mode("deploy_bias_apart", "Deploy mode, folded bias added after a bias-free conv",
-             deploy=True, bias_apart=True),
-        Mode("pass_memory_bias_apart", "convbn_pass 'memory', then b′ moved out of the conv "
-             "into an add (an experiment, not what the pass does)", policy="memory",
-             bias_apart=True),
-    ]
-    # Inductor's C++ backend fuses independent loops horizontally: every W′ (and every
-    # channels-last weight copy) of the forward lands in one kernel at its start, all alive
-    # at once. Limiting that fusion is the experiment.
-    no_hfuse = (("cpp.max_horizontal_fusion_size", 1),)
-    found += [
-        Mode("compile_nohfuse", "compile without a pass, cpp.max_horizontal_fusion_size=1",
-             extra=no_hfuse),
-        Mode("pass_memory_nohfuse", "convbn_pass 'memory', cpp.max_horizontal_fusion_size=1",
-             policy="memory", extra=no_hfuse),
-    ]
-    # The auto policy with other thresholds (convbn_pass.policy.AUTO_RATIO set while the
-    # mode compiles): whole-model data for choosing the threshold.
-    found += [Mode(f"pass_auto_x{ratio:g}", f"convbn_pass 'auto' with AUTO_RATIO = {ratio:g}",
-                   policy="auto", auto_ratio=ratio)
-              for ratio in (0.25, 4.0, 16.0, 64.0)]
     return {mode.name: mode for mode in found}
 
 
@@ -140,8 +112,7 @@ MODES: dict[str, Mode] = _modes()
 # whose time budget ends inside a cell still has the baseline, auto and the floor.
 PRIORITY = ["eager", "compile", "compile_twin", "pass_auto", "deploy", "builtin",
             "pass_memory", "pass_keep_weight", "compile_again"]
-# compile_again costs a full compile and only measures noise: asked for by name, as
-# are the *_nolayout modes.
+# compile_again costs a full compile and only measures noise: asked for by name.
 DEFAULT_MODES = [name for name in PRIORITY if name != "compile_again"]
 
 
@@ -153,8 +124,7 @@ def modes_for(names: Sequence[str] | None = None) -> list[Mode]:
         raise ValueError(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
     if "compile" not in names:
         names.append("compile")  # every ratio is relative to it
-    order = PRIORITY + [n for n in MODES if n not in PRIORITY]
-    return [MODES[n] for n in order if n in names]
+    return [MODES[n] for n in PRIORITY if n in names]
 
 
 @dataclasses.dataclass
@@ -187,51 +157,19 @@ class Budget:
         return self.left() >= estimate
 
 
-class Unavailable(Exception):
-    """A model that cannot be built here (its package does not import)."""
-
-
 Log = Callable[[str], None]
 
 
 # --- models -------------------------------------------------------------------------
 
-def check_available(name: str) -> None:
-    """Raise :class:`Unavailable` when a ``torchvision:``/``timm:`` model's package does not
-    import (cheap: nothing is built)."""
-    source = name.rpartition(":")[0]
-    if source in ("torchvision", "timm"):
-        try:
-            __import__(source)
-        except Exception as exc:  # ImportError, or a torch/torchvision build mismatch
-            raise Unavailable(f"{source} does not import ({type(exc).__name__}: {exc})")
-
-
-def build_model(name: str, px: int) -> tuple[nn.Module, tuple[int, ...]]:
-    """``(model, sample shape without batch)`` for a zoo name, ``torchvision:NAME`` or
-    ``timm:NAME`` (random weights, no download)."""
-    source, _, model_name = name.rpartition(":")
-    if source == "":
-        if name not in zoo.MODELS:
-            raise ValueError(f"unknown model {name!r}; choose one of {', '.join(zoo.MODELS)}, "
-                             "torchvision:NAME or timm:NAME")
-        model, shape, _ = zoo.build(name)
-        if len(shape) == 3:  # an image model: the harness picks the image size
-            shape = (shape[0], px, px)
-        return model, shape
-    if source == "torchvision":
-        try:
-            import torchvision
-        except Exception as exc:  # ImportError, or a torch/torchvision build mismatch
-            raise Unavailable(f"torchvision does not import ({type(exc).__name__}: {exc})")
-        return torchvision.models.get_model(model_name, weights=None), (3, px, px)
-    if source == "timm":
-        try:
-            import timm
-        except Exception as exc:
-            raise Unavailable(f"timm does not import ({type(exc).__name__}: {exc})")
-        return timm.create_model(model_name, pretrained=False), (3, px, px)
-    raise ValueError(f"unknown model source {source!r} in {name!r}; use torchvision: or timm:")
+def load_model(spec: str, px: int) -> tuple[nn.Module, tuple[int, ...]]:
+    """``(model, sample shape without batch)`` for what ``convbn_pass.models.load``
+    takes (random weights, no download); an image model's images are ``px`` square."""
+    model = models.load(spec)
+    shape = model.input_shape
+    if model.is_image:  # the harness picks the image size
+        shape = (shape[0], px, px)
+    return model.module, shape
 
 
 # --- one step -----------------------------------------------------------------------
@@ -241,46 +179,14 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _loss(out: Any) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out.float().sum()
-    if isinstance(out, dict):
-        out = list(out.values())
-    return sum(_loss(item) for item in out)  # type: ignore[return-value]
-
-
-def train_step(fn: Callable[..., Any], model: nn.Module, x: torch.Tensor) -> None:
-    """Forward + backward of ``sum(output)``; gradients dropped afterwards."""
-    _loss(fn(x)).backward()
-    for p in model.parameters():
-        p.grad = None
-
-
 def _timed_step(fn: Callable[..., Any], model: nn.Module, x: torch.Tensor,
                 device: str) -> float:
+    """Wall seconds of one training step: forward, backward, gradients dropped."""
     _sync(device)
     start = time.perf_counter()
-    _loss(fn(x)).backward()
+    train_step(fn, model, x)
     _sync(device)
-    elapsed = time.perf_counter() - start
-    for p in model.parameters():
-        p.grad = None
-    return elapsed
-
-
-@contextlib.contextmanager
-def _auto_ratio(ratio: float | None) -> Iterator[None]:
-    """``convbn_pass.policy.AUTO_RATIO`` set to ``ratio`` for one compile (the pass
-    reads it when it decides, during the first call)."""
-    if ratio is None:
-        yield
-        return
-    saved = convbn_pass.policy.AUTO_RATIO
-    convbn_pass.policy.AUTO_RATIO = ratio
-    try:
-        yield
-    finally:
-        convbn_pass.policy.AUTO_RATIO = saved
+    return time.perf_counter() - start
 
 
 def cpu_seconds() -> float:
@@ -308,19 +214,35 @@ def _kernel_cache(fresh: bool) -> Iterator[None]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def _counts() -> dict[str, int]:
-    return {"graphs": int(counters["stats"]["unique_graphs"])}
+class _Counts(NamedTuple):
+    """Process-wide counts, read before and after a compile."""
+
+    graphs: int   # Dynamo's unique graphs
+    tuned: int    # pairs convbn_pass tuned, wherever it ran
+    builtin: int  # rewrites of PyTorch's built-in pass
 
 
-def _clear_rewrite_counters() -> None:
-    convbn_pass.clear_decisions()
-    counters["inductor"].pop(BUILTIN_COUNTER, None)
+def _counts() -> _Counts:
+    return _Counts(int(counters["stats"]["unique_graphs"]), int(counters[COUNTER]["tuned"]),
+                   int(counters["inductor"][BUILTIN_COUNTER]))
 
 
-def _blocks() -> list[dict[str, Any]]:
-    return [{"conv": d.conv, "bn": d.bn, "op": d.op, "action": d.action, "reason": d.reason,
-             "weight_numel": d.weight_numel, "activation_numel": d.activation_numel}
-            for d in convbn_pass.decisions()]
+def _decided(rewrites: list[convbn_pass.GraphRewrite], keep: bool) -> dict[str, Any]:
+    """``ModeResult`` fields from the graphs a mode's ``on_graph`` received: tuned
+    pairs, those keeping W′, skipped ones by reason and, with ``keep``, every
+    decision."""
+    decisions = [d for rewrite in rewrites for d in rewrite.decisions]
+    skipped = collections.Counter(str(d.reason) for d in decisions if not d.tuned)
+    fields: dict[str, Any] = {
+        "tuned": sum(d.tuned for d in decisions),
+        "tuned_keep_weight": sum(d.action is convbn_pass.Action.TUNE_KEEP_WEIGHT
+                                 for d in decisions),
+        "skipped": dict(skipped)}
+    if keep:
+        fields["blocks"] = [PairDecision(d.conv, d.bn, d.op, str(d.action), str(d.reason),
+                                         d.weight_numel, d.activation_numel)
+                            for d in decisions]
+    return fields
 
 
 # --- one cell -----------------------------------------------------------------------
@@ -330,93 +252,31 @@ class _Instance:
     mode: Mode
     model: nn.Module
     fn: Callable[..., Any]
-    result: dict[str, Any]
-
-
-class _SplitBiasAfter(CustomGraphPass):
-    """Runs convbn_pass, then turns every ``conv(x, W′, b′)`` it made into
-    ``conv(x, W′, None) + b′`` (channel axis 1), so that the conv's backward computes
-    no bias gradient and Inductor can fuse the add and its reduction with the ops
-    around it. An experiment for benchmarks only."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-
-    def __call__(self, graph: torch.fx.Graph) -> None:
-        self.inner(graph)
-        for node in list(graph.nodes):
-            if node.op != "call_function" or len(node.args) < 3:
-                continue
-            bias = node.args[2]
-            if not (isinstance(bias, torch.fx.Node) and bias.target is tune.fuse_bias):
-                continue
-            dims = node.meta["example_value"].dim() if "example_value" in node.meta else 4
-            node.update_arg(2, None)
-            with graph.inserting_after(node):
-                shaped = graph.call_function(torch.reshape, (bias, (1, -1) + (1,) * (dims - 2)))
-            with graph.inserting_after(shaped):
-                added = graph.call_function(operator.add, (node, shaped))
-            node.replace_all_uses_with(added, delete_user_cb=lambda user: user is not added)
-        graph.lint()
-
-    def uuid(self) -> Any:
-        return None  # uncacheable; the benchmarks turn the FX graph cache off anyway
-
-
-class _BiasApart(nn.Module):
-    """``module(x) + bias`` on the channel axis (axis 1), the module without a bias."""
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.bias = module.bias
-        self.module = copy.deepcopy(module)
-        self.module.bias = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.module(x)
-        return out + self.bias.view(1, -1, *([1] * (out.dim() - 2)))
-
-
-def _deploy(mode: Mode, base: nn.Module, x: torch.Tensor) -> nn.Module:
-    folded = deploy.fold(base, x)
-    if mode.bias_apart:
-        for conv_path, _ in deploy.pairs(base, x):
-            parent, _, name = conv_path.rpartition(".")
-            owner = folded.get_submodule(parent) if parent else folded
-            setattr(owner, name, _BiasApart(getattr(owner, name)))
-    return folded
+    result: ModeResult
+    tuned_anywhere: int = 0  # counters["convbn_pass"]["tuned"] rise in this mode's compile
 
 
 def _prepare(mode: Mode, base: nn.Module, x: torch.Tensor, settings: Settings,
              log: Log) -> _Instance:
     """Copy, fold and compile one mode, run its first step, count what fired."""
-    model = _deploy(mode, base, x) if mode.deploy else copy.deepcopy(base)
+    model = deploy.fold(base, x) if mode.deploy else copy.deepcopy(base)
     model.eval()
     fn: Callable[..., Any] = model
+    rewrites: list[convbn_pass.GraphRewrite] = []
     if mode.compiled:
-        fn = torch.compile(model, options=mode.options(), dynamic=False)
-    _clear_rewrite_counters()
-    graphs_before = _counts()["graphs"]
+        fn = torch.compile(model, options=mode.options(rewrites.append), dynamic=False)
+    before = _counts()
     cpu_before = cpu_seconds()
-    with _kernel_cache(settings.fresh_kernel_cache and mode.compiled and not mode.twin), \
-            _auto_ratio(mode.auto_ratio):
+    with _kernel_cache(settings.fresh_kernel_cache and mode.compiled and not mode.twin):
         first = _timed_step(fn, model, x, settings.device)
-    result: dict[str, Any] = {
-        "mode": mode.name,
-        "first_s": first,
-        "first_cpu_s": cpu_seconds() - cpu_before,
-        "new_graphs": _counts()["graphs"] - graphs_before,
-        "tuned": int(counters[COUNTER]["tuned"]),
-        "tuned_keep_weight": int(counters[COUNTER]["tuned_keep_weight"]),
-        "skipped": {k[len("skipped_"):]: int(v) for k, v in counters[COUNTER].items()
-                    if k.startswith("skipped_") and v},
-        "builtin_rewrites": int(counters["inductor"][BUILTIN_COUNTER]),
-    }
-    if mode.policy is not None:
-        result["blocks"] = _blocks()
-    log(f"    {mode.name:<17} first call {first:6.1f} s, {result['new_graphs']} new graph(s), "
-        f"tuned {result['tuned']}, built-in rewrites {result['builtin_rewrites']}")
-    return _Instance(mode, model, fn, result)
+    after = _counts()
+    result = ModeResult(mode.name, first_s=first, first_cpu_s=cpu_seconds() - cpu_before,
+                        new_graphs=after.graphs - before.graphs,
+                        builtin_rewrites=after.builtin - before.builtin,
+                        **_decided(rewrites, keep=mode.policy is not None))
+    log(f"    {mode.name:<17} first call {first:6.1f} s, {result.new_graphs} new graph(s), "
+        f"tuned {result.tuned}, built-in rewrites {result.builtin_rewrites}")
+    return _Instance(mode, model, fn, result, after.tuned - before.tuned)
 
 
 def weight_shaped_bytes(fn: Callable[..., Any], model: nn.Module, x: torch.Tensor) -> int:
@@ -436,19 +296,18 @@ def weight_shaped_bytes(fn: Callable[..., Any], model: nn.Module, x: torch.Tenso
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn(x)
-    _loss(out).backward()
-    for p in model.parameters():
-        p.grad = None
+    backward(out)
+    model.zero_grad(set_to_none=True)
     return sum(found.values())
 
 
 def _measure_memory(inst: _Instance, x: torch.Tensor, settings: Settings) -> None:
-    graphs_before = _counts()["graphs"]
-    inst.result["saved_bytes"] = memory.saved_activation_bytes(inst.fn, inst.model, x)
-    for p in inst.model.parameters():
-        p.grad = None
-    inst.result["weight_shaped_bytes"] = weight_shaped_bytes(inst.fn, inst.model, x)
-    inst.result["recompiled_while_measuring"] = _counts()["graphs"] - graphs_before
+    r = inst.result
+    graphs_before = _counts().graphs
+    r.saved_bytes = memory.saved_activation_bytes(inst.fn, inst.model, x)
+    inst.model.zero_grad(set_to_none=True)
+    r.weight_shaped_bytes = weight_shaped_bytes(inst.fn, inst.model, x)
+    r.recompiled_while_measuring = _counts().graphs - graphs_before
     if settings.device.startswith("cuda"):
         torch.cuda.synchronize()
         gc.collect()
@@ -456,26 +315,26 @@ def _measure_memory(inst: _Instance, x: torch.Tensor, settings: Settings) -> Non
         torch.cuda.reset_peak_memory_stats()
         train_step(inst.fn, inst.model, x)
         torch.cuda.synchronize()
-        inst.result["peak_bytes"] = torch.cuda.max_memory_allocated() - before
-        inst.result["peak_abs_bytes"] = torch.cuda.max_memory_allocated()
+        r.peak_bytes = torch.cuda.max_memory_allocated() - before
+        r.peak_abs_bytes = torch.cuda.max_memory_allocated()
 
 
 def _checks(inst: _Instance, pairs: int | None) -> list[str]:
     """What is wrong with this mode's compile, as sentences (empty: all as meant)."""
     mode, r = inst.mode, inst.result
     problems = []
-    if mode.compiled and not mode.twin and r["new_graphs"] == 0:
+    if mode.compiled and not mode.twin and r.new_graphs == 0:
         problems.append("compiled no graph of its own (reused another mode's graph)")
-    if mode.policy is None and r["tuned"]:
-        problems.append(f"convbn_pass ran ({r['tuned']} tuned) in a mode without it")
-    if not mode.builtin and r["builtin_rewrites"]:
-        problems.append(f"PyTorch's built-in pass ran ({r['builtin_rewrites']} rewrites)")
+    if mode.policy is None and inst.tuned_anywhere:
+        problems.append(f"convbn_pass ran ({inst.tuned_anywhere} tuned) in a mode without it")
+    if not mode.builtin and r.builtin_rewrites:
+        problems.append(f"PyTorch's built-in pass ran ({r.builtin_rewrites} rewrites)")
     if pairs:
-        if mode.builtin and not r["builtin_rewrites"]:
+        if mode.builtin and not r.builtin_rewrites:
             problems.append("PyTorch's built-in pass did not fire")
-        if mode.policy in ("memory", "keep_weight") and r["tuned"] != pairs:
-            problems.append(f"tuned {r['tuned']} of {pairs} pairs")
-    if r.get("recompiled_while_measuring"):
+        if mode.policy in ("memory", "keep_weight") and r.tuned != pairs:
+            problems.append(f"tuned {r.tuned} of {pairs} pairs")
+    if r.recompiled_while_measuring:
         problems.append("recompiled while measuring saved bytes")
     return problems
 
@@ -521,44 +380,41 @@ def _time_round_robin(instances: list[_Instance], x: torch.Tensor, settings: Set
         q1, med, q3 = _quartiles(steps[name])
         ratios = [t / b for t, b in zip(per_round[name], base)]
         r1, rmed, r3 = _quartiles(ratios)
-        inst.result.update({
-            # every step when there are few; else the per-round means (results stay small)
-            "steps_s": steps[name] if len(steps[name]) <= 200 else None,
-            "round_means_s": per_round[name], "rounds": rounds, "steps_per_round": n_steps,
-            "median_s": med, "q1_s": q1, "q3_s": q3,
-            "ratio": rmed, "ratio_q1": r1, "ratio_q3": r3,
-            "compile_s": inst.result["first_s"] - med,
-        })
+        r = inst.result
+        # every step when there are few; else the per-round means (results stay small)
+        r.steps_s = steps[name] if len(steps[name]) <= 200 else None
+        r.round_means_s, r.rounds, r.steps_per_round = per_round[name], rounds, n_steps
+        r.median_s, r.q1_s, r.q3_s = med, q1, q3
+        r.ratio, r.ratio_q1, r.ratio_q3 = rmed, r1, r3
+        r.compile_s = None if r.first_s is None else r.first_s - med
 
 
 def measure_cell(model_name: str, batch: int, settings: Settings, mode_list: list[Mode],
-                 budget: Budget, log: Log, compile_estimate: float = 0.0) -> dict[str, Any]:
+                 budget: Budget, log: Log, compile_estimate: float = 0.0) -> CellResult:
     """All modes of one cell. Modes whose compile would pass the budget are skipped
     (listed under ``skipped_modes``); what was compiled is still timed."""
     torch._dynamo.reset()
     torch.manual_seed(settings.seed)
-    base, shape = build_model(model_name, settings.px)
+    base, shape = load_model(model_name, settings.px)
     base = zoo.randomize_bn(base, settings.seed).eval().to(settings.device)
     x = torch.randn(batch, *shape, device=settings.device)
-    cell = measure_module(base, x, settings, mode_list, budget, log, compile_estimate)
-    return {"model": model_name, "batch": batch, **cell}
+    return measure_module(CellResult(model_name, batch), base, x, settings, mode_list, budget,
+                          log, compile_estimate)
 
 
-def measure_module(base: nn.Module, x: torch.Tensor, settings: Settings,
+def measure_module(cell: CellResult, base: nn.Module, x: torch.Tensor, settings: Settings,
                    mode_list: list[Mode], budget: Budget, log: Log,
-                   compile_estimate: float = 0.0) -> dict[str, Any]:
-    """All modes of ``base`` (in eval mode) on the batch ``x``."""
-    cell: dict[str, Any] = {
-        "input_shape": list(x.shape), "device": settings.device, "modes": {},
-        "skipped_modes": [], "params": sum(p.numel() for p in base.parameters()),
-    }
+                   compile_estimate: float = 0.0) -> CellResult:
+    """All modes of ``base`` (in eval mode) on the batch ``x``, filled into ``cell``."""
+    cell.input_shape, cell.device = list(x.shape), settings.device
+    cell.params = sum(p.numel() for p in base.parameters())
     instances: list[_Instance] = []
     estimate = compile_estimate
     for mode in mode_list:
         if mode.compiled and not mode.twin and not budget.allows(estimate + 10):
             log(f"    {mode.name:<17} skipped: {budget.left():.0f} s left, "
                 f"a compile takes about {estimate:.0f} s")
-            cell["skipped_modes"].append(mode.name)
+            cell.skipped_modes.append(mode.name)
             continue
         try:
             inst = _prepare(mode, base, x, settings, log)
@@ -566,25 +422,24 @@ def measure_module(base: nn.Module, x: torch.Tensor, settings: Settings,
         except Exception as exc:  # one failing mode must not lose the cell (unattended runs)
             message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             log(f"    {mode.name:<17} FAILED: {message}")
-            cell.setdefault("mode_errors", {})[mode.name] = message
+            cell.mode_errors[mode.name] = message
             _free(settings.device)
             continue
         if mode.compiled and not mode.twin:
-            estimate = max(estimate, inst.result["first_s"])
+            estimate = max(estimate, inst.result.first_s or 0.0)
         instances.append(inst)
-    cell["max_first_s"] = estimate
+    cell.max_first_s = estimate
     if not any(i.mode.name == "compile" for i in instances):
-        cell["error"] = "the baseline was not compiled (time budget)"
+        cell.error = "the baseline was not compiled (time budget)"
         return cell
     memory_mode = next((i for i in instances if i.mode.policy == "memory"), None)
-    pairs = memory_mode.result["tuned"] if memory_mode is not None else None
-    cell["pairs"] = pairs
+    cell.pairs = memory_mode.result.tuned if memory_mode is not None else None
     for inst in instances:
-        inst.result["checks"] = _checks(inst, pairs)
-        for problem in inst.result["checks"]:
+        inst.result.checks = _checks(inst, cell.pairs)
+        for problem in inst.result.checks:
             log(f"    CHECK {inst.mode.name}: {problem}")
     _time_round_robin(instances, x, settings, log)
-    cell["modes"] = {inst.mode.name: inst.result for inst in instances}
+    cell.modes = {inst.mode.name: inst.result for inst in instances}
     _cell_checks(cell, log)
     del instances, base
     torch._dynamo.reset()
@@ -598,18 +453,17 @@ def _free(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def _cell_checks(cell: dict[str, Any], log: Log) -> None:
+def _cell_checks(cell: CellResult, log: Log) -> None:
     """Modes that should differ from the baseline in saved bytes but do not."""
-    modes = cell["modes"]
-    base = modes["compile"]["saved_bytes"]
+    base = cell.modes["compile"].saved_bytes
     notes = []
     for name in ("pass_memory", "pass_keep_weight", "builtin"):
-        r = modes.get(name)
-        rewrites = r and (r["tuned"] or r["builtin_rewrites"])
-        if rewrites and r["saved_bytes"] == base:
+        r = cell.modes.get(name)
+        rewrites = r and (r.tuned or r.builtin_rewrites)
+        if r and rewrites and r.saved_bytes == base:
             notes.append(f"{name} rewrote {rewrites} pair(s) but saves exactly the "
                          "baseline's bytes")
-    cell["notes"] = notes
+    cell.notes = notes
     for note in notes:
         log(f"    NOTE {note}")
 
@@ -633,7 +487,6 @@ def warm_up_compiler(device: str, fresh_kernel_cache: bool, log: Log) -> None:
         with _kernel_cache(fresh_kernel_cache):
             train_step(torch.compile(model, options=mode.options(), dynamic=False), model, x)
     torch._dynamo.reset()
-    convbn_pass.clear_decisions()
     log(f"compiler warmed up in {time.monotonic() - start:.0f} s (not measured)")
 
 
@@ -658,33 +511,33 @@ def _builtin_light() -> Callable[..., Any]:
 
 
 def light_cell(model_name: str, batch: int, px: int, mode_list: list[Mode],
-               device: str = "cpu", seed: int = 0) -> dict[str, Any]:
+               device: str = "cpu", seed: int = 0) -> LightCell:
     """Saved activation bytes of every mode through the light backend (pass +
     AOTAutograd's partitioner, no code generation): fast, for sweeps over batch."""
     torch._dynamo.reset()
     torch.manual_seed(seed)
-    base, shape = build_model(model_name, px)
+    base, shape = load_model(model_name, px)
     base = zoo.randomize_bn(base, seed).eval().to(device)
     x = torch.randn(batch, *shape, device=device)
-    cell: dict[str, Any] = {"model": model_name, "batch": batch, "input_shape": list(x.shape),
-                            "device": device, "backend": "light", "modes": {}}
+    cell = LightCell(model_name, batch, list(x.shape), device)
     for mode in mode_list:
         if mode.twin:
             continue
         model = deploy.fold(base, x) if mode.deploy else copy.deepcopy(base)
         fn: Callable[..., Any] = model
+        rewrites: list[convbn_pass.GraphRewrite] = []
         if mode.compiled:
-            backend = _builtin_light() if mode.builtin else backends.light(mode.policy)
+            backend = (_builtin_light() if mode.builtin
+                       else backends.light(mode.policy, on_graph=rewrites.append))
             fn = torch.compile(model, backend=backend, dynamic=False)
-        _clear_rewrite_counters()
+        before = _counts()
         train_step(fn, model, x)
-        result = {"mode": mode.name, "tuned": int(counters[COUNTER]["tuned"]),
-                  "builtin_rewrites": int(counters["inductor"][BUILTIN_COUNTER])}
-        if mode.policy is not None:
-            result["blocks"] = _blocks()
-        result["saved_bytes"] = memory.saved_activation_bytes(fn, model, x)
-        result["weight_shaped_bytes"] = weight_shaped_bytes(fn, model, x)
-        cell["modes"][mode.name] = result
+        decided = _decided(rewrites, keep=mode.policy is not None)
+        result = ModeResult(mode.name, tuned=decided["tuned"], blocks=decided.get("blocks"),
+                            builtin_rewrites=_counts().builtin - before.builtin)
+        result.saved_bytes = memory.saved_activation_bytes(fn, model, x)
+        result.weight_shaped_bytes = weight_shaped_bytes(fn, model, x)
+        cell.modes[mode.name] = result
     torch._dynamo.reset()
     gc.collect()
     return cell
@@ -698,7 +551,7 @@ def environment() -> dict[str, Any]:
         "machine": platform.machine(), "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "convbn_pass": convbn_pass.__version__,
-        "auto_ratio": convbn_pass.policy.AUTO_RATIO,
+        "auto_ratio": convbn_pass.AUTO_RATIO,  # the auto policy's default threshold
     }
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
@@ -730,7 +583,7 @@ def _reset_peak_rss() -> None:
 
 
 def peak_rss_worker(model_name: str, batch: int, mode_name: str,
-                    settings: Settings) -> dict[str, Any]:
+                    settings: Settings) -> RssResult:
     """Run in a fresh process (see run.py ``--worker``): compile one mode, then read
     the process's peak RSS and the peak of one warm step above the RSS before it.
 
@@ -738,7 +591,7 @@ def peak_rss_worker(model_name: str, batch: int, mode_name: str,
     is a cold compile, and with glibc's mmap threshold at 64 KiB, so that freed
     tensors leave the resident set and a step's peak is its own."""
     torch.manual_seed(settings.seed)
-    base, shape = build_model(model_name, settings.px)
+    base, shape = load_model(model_name, settings.px)
     base = zoo.randomize_bn(base, settings.seed).eval()
     x = torch.randn(batch, *shape)
     mode = MODES[mode_name]
@@ -758,9 +611,9 @@ def peak_rss_worker(model_name: str, batch: int, mode_name: str,
     _reset_peak_rss()
     train_step(fn, model, x)
     step_peak = _status_bytes("VmHWM")
-    return {"first_s": first, "first_cpu_s": first_cpu,
-            "process_peak_bytes": max(process_peak, step_peak),
-            "before_step_bytes": before, "step_peak_bytes": step_peak - before}
+    return RssResult(first_s=first, first_cpu_s=first_cpu,
+                     process_peak_bytes=max(process_peak, step_peak),
+                     before_step_bytes=before, step_peak_bytes=step_peak - before)
 
 
 def _git_state() -> str:

@@ -26,7 +26,8 @@ from typing import Any, Sequence
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from convbn_pass import zoo
+from convbn_pass import deploy, zoo
+from convbn_pass.step import train_step
 
 from . import harness
 
@@ -44,17 +45,17 @@ def _family(name: str) -> str:
 
 def profile_mode(mode: harness.Mode, base: torch.nn.Module, x: torch.Tensor, steps: int,
                  device: str) -> dict[str, Any]:
-    model = harness._deploy(mode, base, x) if mode.deploy else copy.deepcopy(base)
+    model = deploy.fold(base, x) if mode.deploy else copy.deepcopy(base)
     options = dict(mode.options())
     if device == "cpu":
         options["cpp.enable_kernel_profile"] = True  # Inductor's C++ kernels as profiler events
     fn = torch.compile(model, options=options, dynamic=False) if mode.compiled else model
     for _ in range(3):
-        harness.train_step(fn, model, x)
+        train_step(fn, model, x)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
-            harness.train_step(fn, model, x)
+            train_step(fn, model, x)
     ops: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
     for event in prof.key_averages():
@@ -104,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch._dynamo.config.recompile_limit = 64
     torch._dynamo.config.accumulated_recompile_limit = 4096
     torch.manual_seed(0)
-    base, shape = harness.build_model(args.model, args.px)
+    base, shape = harness.load_model(args.model, args.px)
     base = zoo.randomize_bn(base).eval().to(args.device)
     x = torch.randn(args.batch, *shape, device=args.device)
     out = args.out or harness_results() / f"profile-{args.model}-b{args.batch}"

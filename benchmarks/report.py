@@ -1,27 +1,29 @@
-"""Tables, targets and plots from a results dict (``results.json``).
+"""Tables, targets and plots from the typed results of a run (``results.json``).
 
 Everything here reads the measured results only; nothing is measured or
-assumed. ``write_all(results, out_dir)`` writes ``results.md``, ``results.csv``
-and the PNG figures next to ``results.json``.
+assumed. ``read(path)`` loads a ``results.json`` (older files too), and
+``write_all(results, out_dir)`` writes ``results.md``, ``results.csv`` and the
+PNG figures next to it. Only the modes of :data:`TABLE_MODES` are shown: older
+files may hold experiments' modes, which stay in their ``results.json``.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import math
 import pathlib
 from collections import defaultdict
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
-__all__ = ["targets", "markdown", "csv_rows", "write_all", "TABLE_MODES"]
+from .records import BlockResult, CellResult, LightCell, RunResult
+
+__all__ = ["read", "targets", "markdown", "csv_rows", "write_all", "TABLE_MODES"]
 
 MB = 1e6
-# Column order of the tables.
+# The modes shown, in the tables' column order.
 TABLE_MODES = ["eager", "compile", "compile_twin", "compile_again", "builtin", "pass_auto",
-               "pass_memory", "pass_keep_weight", "deploy", "compile_nolayout",
-               "pass_memory_nolayout", "deploy_nolayout", "deploy_bias_apart",
-               "pass_memory_bias_apart", "pass_auto_x0.25", "pass_auto_x4", "pass_auto_x16",
-               "pass_auto_x64", "compile_nohfuse", "pass_memory_nohfuse"]
+               "pass_memory", "pass_keep_weight", "deploy"]
 PLOT_MODES = ["eager", "compile", "builtin", "pass_auto", "pass_memory", "pass_keep_weight",
               "deploy"]
 # Modes that often coincide (memory = deploy, keep_weight = builtin) get different
@@ -39,31 +41,57 @@ FLOOR_TOLERANCE = 0.01   # memory policy: within 1% of Deploy mode
 COMPILE_TOLERANCE = 0.10  # compile time with the pass: within 10% of without
 
 
-def _fmt(value: float | None, digits: int = 1) -> str:
+Cell = CellResult | LightCell  # a grid cell, a single block or a light-backend cell
+
+
+def read(path: pathlib.Path) -> RunResult:
+    """A ``results.json``, as typed records."""
+    return RunResult.from_json(json.loads(path.read_text()))
+
+
+def _get(cell: Cell, mode: str, field: str) -> Any:
+    """A figure of one mode of a cell; None where the mode or the figure is missing."""
+    result = cell.modes.get(mode)
+    return None if result is None else getattr(result, field)
+
+
+def _rss(cell: Cell, mode: str, field: str) -> Any:
+    """A fresh-process figure of one mode of a cell, or None."""
+    rss = _get(cell, mode, "rss")
+    return None if rss is None else getattr(rss, field)
+
+
+def _fmt(value: float | None, digits: int = 1, per: float = 1.0) -> str:
+    """``value / per``; "–" where there is no value."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
-    return f"{value:.{digits}f}"
+    return f"{value / per:.{digits}f}"
+
+
+def _dash(value: Any) -> Any:
+    return "–" if value is None else value
 
 
 def _mark(ok: bool | None) -> str:
     return "?" if ok is None else ("✓" if ok else "✗")
 
 
-def noise(cell: dict[str, Any]) -> float | None:
+def noise(cell: Cell) -> float | None:
     """The time noise of a cell: how far the baseline's twin (same compiled code,
     second copy) lands from 1, or half the spread of its per-round ratios,
     whichever is larger."""
-    twin = cell["modes"].get("compile_twin")
-    if not twin or "ratio" not in twin:
+    twin = cell.modes.get("compile_twin")
+    if twin is None or twin.ratio is None or twin.ratio_q1 is None or twin.ratio_q3 is None:
         return None
-    return max(abs(twin["ratio"] - 1.0), (twin["ratio_q3"] - twin["ratio_q1"]) / 2)
+    return max(abs(twin.ratio - 1.0), (twin.ratio_q3 - twin.ratio_q1) / 2)
 
 
-def targets(cell: dict[str, Any]) -> dict[str, Any]:
+def targets(cell: CellResult) -> dict[str, Any]:
     """The policy targets of one cell, each as (value, holds) or None when a mode
     it needs is missing."""
-    modes = cell["modes"]
-    got = lambda name, key: modes.get(name, {}).get(key)  # noqa: E731
+    def got(mode: str, field: str) -> Any:
+        return _get(cell, mode, field)
+
     out: dict[str, Any] = {}
     mem, floor = got("pass_memory", "saved_bytes"), got("deploy", "saved_bytes")
     if mem is not None and floor:
@@ -94,15 +122,15 @@ def targets(cell: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def compile_times(cell: dict[str, Any]) -> tuple[str, dict[str, float]]:
+def compile_times(cell: CellResult) -> tuple[str, dict[str, float]]:
     """The fairest compile times a cell has: CPU seconds of a cold first call in a fresh
     process per mode (``--peak-rss``), else the in-process first call's wall time."""
-    modes = cell["modes"]
-    fresh = {m: r["rss"]["first_cpu_s"] for m, r in modes.items()
-             if "first_cpu_s" in r.get("rss", {})}
+    fresh = {m: r.rss.first_cpu_s for m, r in cell.modes.items()
+             if r.rss is not None and r.rss.first_cpu_s is not None}
     if "compile" in fresh:
         return "fresh process, CPU s", fresh
-    return "in-process, wall s", {m: r["first_s"] for m, r in modes.items() if "first_s" in r}
+    return "in-process, wall s", {m: r.first_s for m, r in cell.modes.items()
+                                  if r.first_s is not None}
 
 
 def _auto_fails(t: dict[str, Any]) -> list[str]:
@@ -123,17 +151,18 @@ def _table(header: list[str], rows: Iterable[list[str]]) -> list[str]:
     return lines + [""]
 
 
-def _cell_id(cell: dict[str, Any]) -> list[str]:
-    shape = cell.get("input_shape", [])
+def _cell_id(cell: Cell) -> list[str]:
+    shape = cell.input_shape or []
     size = f"{shape[-1]} px" if len(shape) == 4 else "–"
-    return [cell["model"], str(cell["batch"]), size]
+    return [cell.model, str(cell.batch), size]
 
 
-def _present(cells: list[dict[str, Any]], key: str = "saved_bytes") -> list[str]:
-    return [m for m in TABLE_MODES if any(key in c["modes"].get(m, {}) for c in cells)]
+def _present(cells: Sequence[Cell], field: str = "saved_bytes") -> list[str]:
+    """The shown modes that have ``field`` in some cell."""
+    return [m for m in TABLE_MODES if any(_get(c, m, field) is not None for c in cells)]
 
 
-def _targets_section(cells: list[dict[str, Any]], fresh: bool) -> list[str]:
+def _targets_section(cells: list[CellResult], fresh: bool) -> list[str]:
     lines = ["## Targets", "",
              "- **memory floor**: `pass_memory` activation bytes within 1% of `deploy`.",
              "- **auto ≤ compile / ≤ builtin**: `pass_auto` activation bytes no higher than "
@@ -175,7 +204,7 @@ def _targets_section(cells: list[dict[str, Any]], fresh: bool) -> list[str]:
     return lines + _table(header, rows)
 
 
-def _memory_section(cells: list[dict[str, Any]]) -> list[str]:
+def _memory_section(cells: list[CellResult]) -> list[str]:
     modes = [m for m in _present(cells) if m not in ("compile_twin", "compile_again")]
     lines = ["## Activation memory saved for backward (MB)", "",
              "Exact (saved-tensor hooks, `convbn_pass.memory`): unique storages saved for "
@@ -185,16 +214,14 @@ def _memory_section(cells: list[dict[str, Any]]) -> list[str]:
     rows = []
     for cell in cells:
         row = _cell_id(cell)
-        for m in modes:
-            r = cell["modes"].get(m, {})
-            row.append(_fmt(r["saved_bytes"] / MB, 2) if "saved_bytes" in r else "–")
-        auto = cell["modes"].get("pass_auto")
-        row.append(f"{auto['tuned']}/{cell.get('pairs')}" if auto else "–")
+        row += [_fmt(_get(cell, m, "saved_bytes"), 2, MB) for m in modes]
+        auto = cell.modes.get("pass_auto")
+        row.append(f"{auto.tuned}/{cell.pairs}" if auto else "–")
         rows.append(row)
     return lines + _table(header, rows)
 
 
-def _weight_section(cells: list[dict[str, Any]]) -> list[str]:
+def _weight_section(cells: list[CellResult]) -> list[str]:
     modes = [m for m in _present(cells, "weight_shaped_bytes")
              if m not in ("compile_twin", "compile_again")]
     if not modes:
@@ -208,42 +235,13 @@ def _weight_section(cells: list[dict[str, Any]]) -> list[str]:
     for cell in cells:
         row = _cell_id(cell)
         for m in modes:
-            r = cell["modes"].get(m, {})
-            if "weight_shaped_bytes" in r:
-                w = r["weight_shaped_bytes"]
-                row.append(f"{w / MB:.2f} / {(r['saved_bytes'] - w) / MB:.2f}")
-            else:
-                row.append("–")
+            w, saved = _get(cell, m, "weight_shaped_bytes"), _get(cell, m, "saved_bytes")
+            row.append("–" if w is None else f"{w / MB:.2f} / {(saved - w) / MB:.2f}")
         rows.append(row)
     return lines + _table(["model", "batch", "size", *modes], rows)
 
 
-def _threshold_section(cells: list[dict[str, Any]]) -> list[str]:
-    """The auto policy at several AUTO_RATIO values, where measured."""
-    names = ["pass_memory", "pass_auto_x0.25", "pass_auto", "pass_auto_x4", "pass_auto_x16",
-             "pass_auto_x64"]
-    cells = [c for c in cells if any(n.startswith("pass_auto_x") for n in c["modes"])]
-    if not cells:
-        return []
-    lines = ["## The auto policy at other thresholds", "",
-             "`pass_auto_xR`: the auto policy with `AUTO_RATIO = R` (tune a block when its "
-             "conv output has at least R times its weight's elements); `pass_auto` is R = 1 "
-             "and `pass_memory` tunes everything. Per cell: blocks tuned, activation MB, "
-             "median time ratio to `compile` [quartiles]; noise from the twin.", ""]
-    rows = []
-    for cell in cells:
-        for n in names:
-            r = cell["modes"].get(n)
-            if not r or "ratio" not in r:
-                continue
-            rows.append(_cell_id(cell) + [n, str(r["tuned"]), _fmt(r["saved_bytes"] / MB, 2),
-                                          f"{r['ratio']:.3f} [{r['ratio_q1']:.2f}–{r['ratio_q3']:.2f}]",
-                                          _fmt(noise(cell), 3)])
-    return lines + _table(["model", "batch", "size", "mode", "tuned", "activation MB",
-                           "time / compile", "noise"], rows)
-
-
-def _time_section(cells: list[dict[str, Any]]) -> list[str]:
+def _time_section(cells: list[CellResult]) -> list[str]:
     modes = [m for m in _present(cells, "median_s") if m != "compile"]
     lines = ["## Step time (forward + backward, BN in eval mode)", "",
              "`compile ms`: the baseline's median step. Other columns: median of per-round "
@@ -255,15 +253,21 @@ def _time_section(cells: list[dict[str, Any]]) -> list[str]:
     rows = []
     for cell in cells:
         row = _cell_id(cell)
-        base = cell["modes"].get("compile", {})
-        row.append(_fmt(base.get("median_s", float("nan")) * 1e3, 1))
-        for m in modes:
-            r = cell["modes"].get(m, {})
-            row.append(f"{r['ratio']:.3f} [{r['ratio_q1']:.2f}–{r['ratio_q3']:.2f}]"
-                       if "ratio" in r else "–")
-        row.append(f"{base.get('rounds', 0)}×{base.get('steps_per_round', '?')}")
+        base = cell.modes["compile"]
+        row.append(_fmt(None if base.median_s is None else base.median_s * 1e3, 1))
+        row += [_ratio(cell, m) for m in modes]
+        steps = "?" if base.steps_per_round is None else base.steps_per_round
+        row.append(f"{base.rounds or 0}×{steps}")
         rows.append(row)
     return lines + _table(header, rows)
+
+
+def _ratio(cell: Cell, mode: str) -> str:
+    """``median [q1–q3]`` of a mode's time ratio to ``compile``."""
+    r = cell.modes.get(mode)
+    if r is None or r.ratio is None:
+        return "–"
+    return f"{r.ratio:.3f} [{r.ratio_q1:.2f}–{r.ratio_q3:.2f}]"
 
 
 def _cache_note(fresh: bool) -> str:
@@ -275,7 +279,7 @@ def _cache_note(fresh: bool) -> str:
             "order and the compile target is not judged fairly here.")
 
 
-def _compile_section(cells: list[dict[str, Any]], fresh: bool) -> list[str]:
+def _compile_section(cells: list[CellResult], fresh: bool) -> list[str]:
     modes = [m for m in _present(cells, "first_s") if m not in ("eager", "compile_twin")]
     lines = ["## First call (compile) time, s", "",
              "Wall time of the first training step: Dynamo, AOTAutograd and Inductor for "
@@ -284,27 +288,26 @@ def _compile_section(cells: list[dict[str, Any]], fresh: bool) -> list[str]:
     header = ["model", "batch", "size", "figure", *modes]
     rows = []
     for cell in cells:
-        for key, label in (("first_s", "wall s"), ("first_cpu_s", "CPU s")):
-            if not any(key in r for r in cell["modes"].values()):
+        for field, label in (("first_s", "wall s"), ("first_cpu_s", "CPU s")):
+            if not _present([cell], field):
                 continue
-            rows.append(_cell_id(cell) + [label] + [
-                _fmt(cell["modes"].get(m, {}).get(key), 1) for m in modes])
+            rows.append(_cell_id(cell) + [label] + [_fmt(_get(cell, m, field), 1) for m in modes])
     return lines + _table(header, rows)
 
 
-def _peak_section(cells: list[dict[str, Any]]) -> list[str]:
-    cuda = [c for c in cells if any("peak_bytes" in r for r in c["modes"].values())]
-    rss = [c for c in cells if any("rss" in r for r in c["modes"].values())]
+def _peak_section(cells: list[CellResult]) -> list[str]:
+    cuda = [c for c in cells if _present([c], "peak_bytes")]
+    rss = [c for c in cells if _present([c], "rss")]
     lines: list[str] = []
     if cuda:
         modes = [m for m in _present(cuda, "peak_bytes") if m != "compile_again"]
         lines += ["## Peak memory of a step, CUDA allocator (MB above what was allocated "
                   "before the step)", ""]
-        rows = [_cell_id(c) + [_fmt(c["modes"].get(m, {}).get("peak_bytes", float("nan")) / MB, 1)
-                               for m in modes] for c in cuda]
+        rows = [_cell_id(c) + [_fmt(_get(c, m, "peak_bytes"), 1, MB) for m in modes]
+                for c in cuda]
         lines += _table(["model", "batch", "size", *modes], rows)
     if rss:
-        modes = [m for m in TABLE_MODES if any("rss" in c["modes"].get(m, {}) for c in rss)]
+        modes = _present(rss, "rss")
         lines += ["## Peak RSS, CPU, one fresh process per mode (MB)", "",
                   "`step`: peak RSS of one warm step above the RSS before it (glibc mmap "
                   "threshold 64 KiB so freed tensors leave the resident set). `process`: the "
@@ -313,39 +316,37 @@ def _peak_section(cells: list[dict[str, Any]]) -> list[str]:
                   "in-process, so the CPU seconds include the C++ compiler's).", ""]
         rows = []
         for c in rss:
-            for key, label, scale in (("step_peak_bytes", "step", MB),
-                                      ("process_peak_bytes", "process", MB),
-                                      ("first_s", "cold first call, wall s", 1.0),
-                                      ("first_cpu_s", "cold first call, CPU s", 1.0)):
-                rows.append(_cell_id(c) + [label] + [
-                    _fmt(c["modes"].get(m, {}).get("rss", {}).get(key, float("nan")) / scale, 1)
-                    for m in modes])
+            for field, label, scale in (("step_peak_bytes", "step", MB),
+                                        ("process_peak_bytes", "process", MB),
+                                        ("first_s", "cold first call, wall s", 1.0),
+                                        ("first_cpu_s", "cold first call, CPU s", 1.0)):
+                rows.append(_cell_id(c) + [label] + [_fmt(_rss(c, m, field), 1, scale)
+                                                     for m in modes])
         lines += _table(["model", "batch", "size", "figure", *modes], rows)
     return lines
 
 
-def _auto_section(cells: list[dict[str, Any]],
-                  blocks: list[dict[str, Any]]) -> list[str]:
+def _auto_section(cells: list[CellResult], blocks: list[BlockResult]) -> list[str]:
     """Where ``auto`` misses a target: its per-block choices there."""
     lines = ["## Where the auto policy misses a target", ""]
     failing = [(c, _auto_fails(targets(c))) for c in cells]
     failing = [(c, f) for c, f in failing if f]
     if not failing:
         return lines + ["No cell misses an auto target.", ""]
-    timed = {(b["model"], b["batch"], b.get("px"), p): b for b in blocks for p in b.get("paths", [])}
+    timed = {(b.model, b.batch, b.px, p): b for b in blocks for p in b.paths}
     for cell, fails in failing:
-        auto = cell["modes"].get("pass_auto", {})
-        lines += [f"### {cell['model']}, batch {cell['batch']}: misses {', '.join(fails)}", ""]
+        decisions = _get(cell, "pass_auto", "blocks") or []
+        lines += [f"### {cell.model}, batch {cell.batch}: misses {', '.join(fails)}", ""]
         groups: dict[tuple[Any, ...], list[str]] = defaultdict(list)
-        for b in auto.get("blocks", []):
-            groups[(b["op"], b["weight_numel"], b["activation_numel"], b["action"])].append(b["conv"])
+        for d in decisions:
+            groups[(d.op, d.weight_numel, d.activation_numel, d.action)].append(d.conv)
         rows = []
         for (op, w, a, action), convs in sorted(groups.items(), key=lambda kv: kv[0][2] / max(kv[0][1] or 1, 1)):
-            shape = cell.get("input_shape", [])
+            shape = cell.input_shape or []
             px = shape[-1] if len(shape) == 4 else 0
-            study = timed.get((cell["model"], cell["batch"], px, convs[0]))
-            t_mem = _fmt(study["modes"]["pass_memory"]["ratio"], 3) if study and "pass_memory" in study["modes"] else "–"
-            t_keep = _fmt(study["modes"]["pass_keep_weight"]["ratio"], 3) if study and "pass_keep_weight" in study["modes"] else "–"
+            study = timed.get((cell.model, cell.batch, px, convs[0]))
+            t_mem = _fmt(_get(study, "pass_memory", "ratio"), 3) if study else "–"
+            t_keep = _fmt(_get(study, "pass_keep_weight", "ratio"), 3) if study else "–"
             rows.append([op, str(len(convs)), f"{w:,}" if w else "?", f"{a:,}" if a else "?",
                          _fmt(a / w, 2) if a and w else "–", action, t_mem, t_keep,
                          ", ".join(convs[:3]) + (" …" if len(convs) > 3 else "")])
@@ -355,7 +356,7 @@ def _auto_section(cells: list[dict[str, Any]],
     return lines
 
 
-def _blocks_section(blocks: list[dict[str, Any]]) -> list[str]:
+def _blocks_section(blocks: list[BlockResult]) -> list[str]:
     if not blocks:
         return []
     lines = ["## Single blocks: Tune vs Eval mode (conv → BN → activation, alone)", "",
@@ -366,28 +367,25 @@ def _blocks_section(blocks: list[dict[str, Any]]) -> list[str]:
               "act/weight", "N·H·W", "auto", "Eval ms", "Tune/Eval", "noise",
               "saved KB Eval", "saved KB Tune"]
     rows = []
-    for b in sorted(blocks, key=lambda b: (b["model"], b["batch"], b["act_over_weight"])):
-        modes = b["modes"]
-        base = modes.get("compile", {})
-        tune = modes.get("pass_memory", {})
-        band = noise(b)
+    for b in sorted(blocks, key=lambda b: (b.model, b.batch, b.act_over_weight)):
+        eval_s = _get(b, "compile", "median_s")
         rows.append([
-            b["model"], str(b["batch"]), b["block"], "×".join(map(str, b["input_shape"])),
-            str(b["count"]), f"{b['weight_numel']:,}", f"{b['activation_numel']:,}",
-            _fmt(b["act_over_weight"], 2), f"{b.get('positions', 0):,}", b.get("auto_action", "–"),
-            _fmt(base.get("median_s", float("nan")) * 1e3, 2),
-            f"{tune['ratio']:.3f} [{tune['ratio_q1']:.2f}–{tune['ratio_q3']:.2f}]" if "ratio" in tune else "–",
-            _fmt(band, 3),
-            _fmt(base.get("saved_bytes", float("nan")) / 1e3, 0),
-            _fmt(tune.get("saved_bytes", float("nan")) / 1e3, 0),
+            b.model, str(b.batch), b.block, "×".join(map(str, b.input_shape or [])),
+            str(b.count), f"{b.weight_numel:,}", f"{b.activation_numel:,}",
+            _fmt(b.act_over_weight, 2), f"{b.positions:,}", _dash(b.auto_action),
+            _fmt(None if eval_s is None else eval_s * 1e3, 2),
+            _ratio(b, "pass_memory"),
+            _fmt(noise(b), 3),
+            _fmt(_get(b, "compile", "saved_bytes"), 0, 1e3),
+            _fmt(_get(b, "pass_memory", "saved_bytes"), 0, 1e3),
         ])
     return lines + _table(header, rows)
 
 
-def _light_section(light: list[dict[str, Any]]) -> list[str]:
+def _light_section(light: list[LightCell]) -> list[str]:
     if not light:
         return []
-    modes = [m for m in PLOT_MODES if any(m in c["modes"] for c in light)]
+    modes = [m for m in PLOT_MODES if any(m in c.modes for c in light)]
     lines = ["## Activation memory, light backend sweep (MB)", "",
              "`convbn_pass.backends.light`: the pass, then AOTAutograd with the min-cut "
              "partitioner, no Inductor. Same rewrite, but no Inductor decompositions and no "
@@ -396,18 +394,14 @@ def _light_section(light: list[dict[str, Any]]) -> list[str]:
              "pass called directly.", ""]
     rows = []
     for c in light:
-        row = _cell_id(c)
-        for m in modes:
-            r = c["modes"].get(m)
-            row.append(_fmt(r["saved_bytes"] / MB, 2) if r else "–")
-        auto = c["modes"].get("pass_auto")
-        mem = c["modes"].get("pass_memory")
-        row.append(f"{auto['tuned']}/{mem['tuned']}" if auto and mem else "–")
+        row = _cell_id(c) + [_fmt(_get(c, m, "saved_bytes"), 2, MB) for m in modes]
+        auto, mem = c.modes.get("pass_auto"), c.modes.get("pass_memory")
+        row.append(f"{auto.tuned}/{mem.tuned}" if auto and mem else "–")
         rows.append(row)
     return lines + _table(["model", "batch", "size", *modes, "auto tuned"], rows)
 
 
-def _checks_section(cells: list[dict[str, Any]]) -> list[str]:
+def _checks_section(cells: list[CellResult]) -> list[str]:
     lines = ["## Checks", "",
              "Every compiled mode must compile a graph of its own (except the twin), and "
              "its rewrite must fire (`tuned` for the pass, "
@@ -415,57 +409,57 @@ def _checks_section(cells: list[dict[str, Any]]) -> list[str]:
              "other. Problems found:", ""]
     problems = []
     for c in cells:
-        for m, r in c["modes"].items():
-            problems += [f"- {c['model']} batch {c['batch']}, {m}: {p}" for p in r.get("checks", [])]
-        problems += [f"- {c['model']} batch {c['batch']}: {n}" for n in c.get("notes", [])]
-        problems += [f"- {c['model']} batch {c['batch']}, {m}: FAILED {e}"
-                     for m, e in c.get("mode_errors", {}).items()]
-    rewrites = [f"{c['model']}/{c['batch']}: built-in {c['modes'].get('builtin', {}).get('builtin_rewrites', '–')}, "
-                f"memory {c['modes'].get('pass_memory', {}).get('tuned', '–')}, "
-                f"keep_weight {c['modes'].get('pass_keep_weight', {}).get('tuned', '–')}, "
-                f"auto {c['modes'].get('pass_auto', {}).get('tuned', '–')}"
+        for m, r in c.modes.items():
+            if m in TABLE_MODES:
+                problems += [f"- {c.model} batch {c.batch}, {m}: {p}" for p in r.checks]
+        problems += [f"- {c.model} batch {c.batch}: {n}" for n in c.notes]
+        problems += [f"- {c.model} batch {c.batch}, {m}: FAILED {e}"
+                     for m, e in c.mode_errors.items() if m in TABLE_MODES]
+    rewrites = [f"{c.model}/{c.batch}: built-in {_dash(_get(c, 'builtin', 'builtin_rewrites'))}, "
+                f"memory {_dash(_get(c, 'pass_memory', 'tuned'))}, "
+                f"keep_weight {_dash(_get(c, 'pass_keep_weight', 'tuned'))}, "
+                f"auto {_dash(_get(c, 'pass_auto', 'tuned'))}"
                 for c in cells]
     lines += problems or ["- none"]
     lines += ["", "Rewrite counts per cell: " + "; ".join(rewrites) + ".", ""]
     return lines
 
 
-def markdown(results: dict[str, Any]) -> str:
-    every = [c for c in results.get("cells", []) if c.get("modes")]
-    cells = [c for c in every if "saved_bytes" in c["modes"].get("compile", {})]
-    env = results.get("environment", {})
-    s = results.get("settings", {})
-    lines = [f"# convbn_pass benchmark: {results.get('preset') or 'custom'}", "",
-             "Made by:", "", "    " + results.get("command", "?"), "",
+def markdown(results: RunResult) -> str:
+    every = [c for c in results.cells if c.modes]
+    cells = [c for c in every if _get(c, "compile", "saved_bytes") is not None]
+    env = results.environment
+    s = results.settings
+    lines = [f"# convbn_pass benchmark: {results.preset or 'custom'}", "",
+             "Made by:", "", "    " + (results.command or "?"), "",
              f"torch {env.get('torch')}, device {s.get('device')}"
              + (f" ({env['gpu']})" if env.get("gpu") else f", {env.get('cpus')} CPUs")
              + f", {env.get('torch_threads')} torch thread(s), torchvision: {env.get('torchvision')}, "
              f"timm: {env.get('timm')}. auto policy ratio {env.get('auto_ratio')}. "
              f"convbn_pass at git {env.get('git')}. "
-             + ("Combined from the runs named in `command.txt` beside this file." if results.get("started") == "(combined)"
-                else f"Started {results.get('started')}, finished "
-                     f"{results.get('finished', 'unfinished')}, {results.get('elapsed_s', 0):.0f} s."),
+             + ("Combined from the runs named in `command.txt` beside this file." if results.started == "(combined)"
+                else f"Started {results.started}, finished "
+                     f"{results.finished or 'unfinished'}, {results.elapsed_s or 0:.0f} s."),
              "",
              f"Settings: `{s}`", ""]
-    if results.get("modes_about"):
-        lines += ["Modes:", ""] + [f"- `{k}`: {v}" for k, v in results["modes_about"].items()] + [""]
+    about = {k: v for k, v in results.modes_about.items() if k in TABLE_MODES}
+    if about:
+        lines += ["Modes:", ""] + [f"- `{k}`: {v}" for k, v in about.items()] + [""]
     if cells:
         lines += _targets_section(cells, s.get("fresh_kernel_cache", True))
         lines += _memory_section(cells)
         lines += _weight_section(cells)
         lines += _time_section(cells)
-        lines += _threshold_section(cells)
         lines += _compile_section(cells, s.get("fresh_kernel_cache", True))
     if every:
         lines += _peak_section(every)
     if cells:
-        lines += _auto_section(cells, results.get("blocks", []))
+        lines += _auto_section(cells, results.blocks)
         lines += _checks_section(cells)
-    lines += _blocks_section(results.get("blocks", []))
-    lines += _light_section(results.get("light", []))
-    skipped = results.get("skipped", [])
-    if skipped:
-        lines += ["## Skipped", ""] + [f"- {s}" for s in skipped] + [""]
+    lines += _blocks_section(results.blocks)
+    lines += _light_section(results.light)
+    if results.skipped:
+        lines += ["## Skipped", ""] + [f"- {s}" for s in results.skipped] + [""]
     return "\n".join(lines)
 
 
@@ -480,34 +474,37 @@ CSV_FIELDS = ["kind", "model", "batch", "input_shape", "mode", "saved_bytes",
               "activation_numel", "checks"]
 
 
-def csv_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+def csv_rows(results: RunResult) -> list[dict[str, Any]]:
     rows = []
-    for kind, items in (("grid", results.get("cells", [])), ("block", results.get("blocks", [])),
-                        ("light", results.get("light", []))):
-        for cell in items:
-            for mode, r in cell.get("modes", {}).items():
-                row = {k: r.get(k) for k in CSV_FIELDS if k in r}
-                rss = r.get("rss", {})
-                row.update({"rss_step_peak_bytes": rss.get("step_peak_bytes"),
-                            "rss_process_peak_bytes": rss.get("process_peak_bytes"),
-                            "rss_first_s": rss.get("first_s"),
-                            "rss_first_cpu_s": rss.get("first_cpu_s")})
-                row.update({"kind": kind, "model": cell["model"], "batch": cell["batch"],
-                            "input_shape": "x".join(map(str, cell.get("input_shape", []))),
-                            "mode": mode, "checks": "; ".join(r.get("checks", [])),
-                            "block": cell.get("block"), "weight_numel": cell.get("weight_numel"),
-                            "activation_numel": cell.get("activation_numel")})
+    items: list[tuple[str, Sequence[Cell]]] = [
+        ("grid", results.cells), ("block", results.blocks), ("light", results.light)]
+    for kind, cells in items:
+        for cell in cells:
+            for mode, r in cell.modes.items():
+                if mode not in TABLE_MODES:
+                    continue
+                row = {k: getattr(r, k, None) for k in CSV_FIELDS}
+                row.update({"rss_step_peak_bytes": _rss(cell, mode, "step_peak_bytes"),
+                            "rss_process_peak_bytes": _rss(cell, mode, "process_peak_bytes"),
+                            "rss_first_s": _rss(cell, mode, "first_s"),
+                            "rss_first_cpu_s": _rss(cell, mode, "first_cpu_s")})
+                row.update({"kind": kind, "model": cell.model, "batch": cell.batch,
+                            "input_shape": "x".join(map(str, cell.input_shape or [])),
+                            "mode": mode, "checks": "; ".join(r.checks),
+                            "block": getattr(cell, "block", None),
+                            "weight_numel": getattr(cell, "weight_numel", None),
+                            "activation_numel": getattr(cell, "activation_numel", None)})
                 rows.append(row)
     return rows
 
 
 # --- plots --------------------------------------------------------------------------
 
-def _by_model(cells: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    grouped: dict[str, list[dict[str, Any]]] = defaultdict(list)
+def _by_model(cells: Sequence[Cell]) -> dict[str, list[Cell]]:
+    grouped: dict[str, list[Cell]] = defaultdict(list)
     for c in cells:
-        grouped[c["model"]].append(c)
-    return {m: sorted(cs, key=lambda c: c["batch"]) for m, cs in grouped.items()}
+        grouped[c.model].append(c)
+    return {m: sorted(cs, key=lambda c: c.batch) for m, cs in grouped.items()}
 
 
 def _subplots(n: int):
@@ -526,8 +523,8 @@ def _legend(fig: Any, ax: Any) -> None:
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 8), fontsize=8)
 
 
-def _plot_metric(cells: list[dict[str, Any]], key: str, scale: float, ylabel: str, title: str,
-                 path: pathlib.Path, sub: str | None = None) -> bool:
+def _plot_metric(cells: Sequence[Cell], field: str, scale: float, ylabel: str, title: str,
+                 path: pathlib.Path, rss: bool = False) -> bool:
     grouped = _by_model(cells)
     if not grouped:
         return False
@@ -537,14 +534,13 @@ def _plot_metric(cells: list[dict[str, Any]], key: str, scale: float, ylabel: st
         for mode in PLOT_MODES:
             pts = []
             for c in cs:
-                r = c["modes"].get(mode, {})
-                value = r.get(sub, {}).get(key) if sub else r.get(key)
+                value = _rss(c, mode, field) if rss else _get(c, mode, field)
                 if value is not None:
-                    pts.append((c["batch"], value / scale))
+                    pts.append((c.batch, value / scale))
             if pts:
                 ax.plot(*zip(*pts), label=mode, **STYLE.get(mode, {}))
                 plotted = True
-        shape = cs[0].get("input_shape", [])
+        shape = cs[0].input_shape or []
         ax.set_title(f"{model} ({shape[-1]} px)" if len(shape) == 4 else model)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch")
@@ -561,25 +557,25 @@ def _plot_metric(cells: list[dict[str, Any]], key: str, scale: float, ylabel: st
     return True
 
 
-def _plot_time(cells: list[dict[str, Any]], path: pathlib.Path) -> bool:
-    grouped = _by_model([c for c in cells if "ratio" in c["modes"].get("compile", {})])
+def _plot_time(cells: list[CellResult], path: pathlib.Path) -> bool:
+    grouped = _by_model([c for c in cells if _get(c, "compile", "ratio") is not None])
     if not grouped:
         return False
     fig, axes = _subplots(len(grouped))
     for ax, (model, cs) in zip(axes, grouped.items()):
-        batches = [c["batch"] for c in cs]
+        batches = [c.batch for c in cs]
         bands = [noise(c) or 0.0 for c in cs]
         ax.fill_between(batches, [1 - b for b in bands], [1 + b for b in bands], color="grey",
                         alpha=0.25, label="noise (twin)")
         for mode in PLOT_MODES:
             if mode == "compile":
                 continue
-            pts = [(c["batch"], c["modes"][mode]) for c in cs if "ratio" in c["modes"].get(mode, {})]
+            pts = [(c.batch, c.modes[mode]) for c in cs if _get(c, mode, "ratio") is not None]
             if not pts:
                 continue
             xs = [b for b, _ in pts]
-            ys = [r["ratio"] for _, r in pts]
-            err = [[r["ratio"] - r["ratio_q1"] for _, r in pts], [r["ratio_q3"] - r["ratio"] for _, r in pts]]
+            ys = [r.ratio for _, r in pts]
+            err = [[r.ratio - r.ratio_q1 for _, r in pts], [r.ratio_q3 - r.ratio for _, r in pts]]
             ax.errorbar(xs, ys, yerr=err, capsize=3, label=mode, **STYLE.get(mode, {}))
         ax.axhline(1.0, color="black", lw=0.8)
         ax.set_title(model)
@@ -595,20 +591,21 @@ def _plot_time(cells: list[dict[str, Any]], path: pathlib.Path) -> bool:
     return True
 
 
-def _plot_blocks(blocks: list[dict[str, Any]], auto_ratio: float | None,
+def _plot_blocks(blocks: list[BlockResult], auto_ratio: float | None,
                  path: pathlib.Path) -> bool:
-    pts = [b for b in blocks if "ratio" in b["modes"].get("pass_memory", {})]
+    pts = [b for b in blocks if _get(b, "pass_memory", "ratio") is not None]
     if not pts:
         return False
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, key, xlabel in ((axes[0], "act_over_weight", "conv output elements / weight elements"),
                             (axes[1], "positions", "output positions N·H·W (MACs per weight element)")):
-        for label in sorted({(b["model"], b["batch"]) for b in pts}):
-            sel = [b for b in pts if (b["model"], b["batch"]) == label and key in b]
-            ax.errorbar([b[key] for b in sel], [b["modes"]["pass_memory"]["ratio"] for b in sel],
-                        yerr=[[b["modes"]["pass_memory"]["ratio"] - b["modes"]["pass_memory"]["ratio_q1"] for b in sel],
-                              [b["modes"]["pass_memory"]["ratio_q3"] - b["modes"]["pass_memory"]["ratio"] for b in sel]],
+        for label in sorted({(b.model, b.batch) for b in pts}):
+            sel = [b for b in pts if (b.model, b.batch) == label]
+            tune = [b.modes["pass_memory"] for b in sel]
+            ax.errorbar([getattr(b, key) for b in sel], [t.ratio for t in tune],
+                        yerr=[[t.ratio - t.ratio_q1 for t in tune],
+                              [t.ratio_q3 - t.ratio for t in tune]],
                         fmt="o", capsize=2, label=f"{label[0]} batch {label[1]}")
         if auto_ratio and key == "act_over_weight":
             ax.axvline(auto_ratio, color="red", ls="--", label=f"auto ratio {auto_ratio}")
@@ -625,7 +622,7 @@ def _plot_blocks(blocks: list[dict[str, Any]], auto_ratio: float | None,
     return True
 
 
-def write_all(results: dict[str, Any], out: pathlib.Path) -> list[str]:
+def write_all(results: RunResult, out: pathlib.Path) -> list[str]:
     """results.md, results.csv and the PNGs; returns the file names written."""
     import matplotlib
     matplotlib.use("Agg")
@@ -637,7 +634,7 @@ def write_all(results: dict[str, Any], out: pathlib.Path) -> list[str]:
             writer.writeheader()
             writer.writerows(rows)
         written.append("results.csv")
-    cells = [c for c in results.get("cells", []) if c.get("modes")]
+    cells = [c for c in results.cells if c.modes]
     plots = {
         "memory.png": lambda p: _plot_metric(cells, "saved_bytes", MB, "MB saved for backward",
                                              "Activation memory saved for backward (Inductor)", p),
@@ -647,12 +644,12 @@ def write_all(results: dict[str, Any], out: pathlib.Path) -> list[str]:
         "peak_cuda.png": lambda p: _plot_metric(cells, "peak_bytes", MB, "MB above pre-step",
                                                 "Peak CUDA memory of a step", p),
         "peak_rss.png": lambda p: _plot_metric(cells, "step_peak_bytes", MB, "MB above pre-step",
-                                               "Peak RSS of a step, fresh process", p, sub="rss"),
+                                               "Peak RSS of a step, fresh process", p, rss=True),
         "light_memory.png": lambda p: _plot_metric(
-            results.get("light", []), "saved_bytes", MB, "MB saved for backward",
+            results.light, "saved_bytes", MB, "MB saved for backward",
             "Activation memory saved for backward (light backend, no Inductor)", p),
-        "blocks.png": lambda p: _plot_blocks(results.get("blocks", []),
-                                             results.get("environment", {}).get("auto_ratio"), p),
+        "blocks.png": lambda p: _plot_blocks(results.blocks,
+                                             results.environment.get("auto_ratio"), p),
     }
     for name, plot in plots.items():
         if plot(out / name):

@@ -11,7 +11,8 @@
 Results go to ``benchmarks/results/<preset>/``: ``results.json`` (everything,
 rewritten after every cell, so an interrupted run keeps what it measured),
 ``results.csv``, ``results.md``, PNG figures and ``command.txt``. Progress goes
-to stderr. See benchmarks/README.md for how to read them.
+to stderr. See benchmarks/README.md for how to read them; ``records.py`` for
+what ``results.json`` holds.
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ from typing import Any, Sequence
 
 import torch
 
-from convbn_pass import zoo
+from convbn_pass import models, zoo
 
 from . import harness, report
+from .records import CellResult, ModeResult, RssResult, RunResult, to_json
 
 __all__ = ["main", "PRESETS", "Preset"]
 
@@ -203,9 +205,9 @@ def _settings(preset: Preset, px: int) -> harness.Settings:
                             fresh_kernel_cache=preset.fresh_kernel_cache)
 
 
-def _save(results: dict[str, Any], out: pathlib.Path) -> None:
+def _save(results: RunResult, out: pathlib.Path) -> None:
     tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1, default=str))
+    tmp.write_text(json.dumps(to_json(results), indent=1, default=str))
     tmp.replace(out / "results.json")
 
 
@@ -214,58 +216,58 @@ def _progress(i: int, n: int, what: str, budget: harness.Budget) -> None:
     _log(f"[{i}/{n}] {what} ({budget.elapsed():.0f} s elapsed{left})")
 
 
-def _run_grid(preset: Preset, modes: list[harness.Mode], results: dict[str, Any],
+def _run_grid(preset: Preset, modes: list[harness.Mode], results: RunResult,
               out: pathlib.Path, budget: harness.Budget) -> None:
     estimates: dict[str, float] = {}
     for i, (model, batch, px) in enumerate(preset.cells, 1):
         what = f"{model} batch {batch}" + (f" at {px} px" if px else "")
         _progress(i, len(preset.cells), what, budget)
         try:
-            harness.check_available(model)
-        except harness.Unavailable as exc:
-            results["skipped"].append(f"{what}: {exc}")
+            models.check_available(model)
+        except models.Unavailable as exc:
+            results.skipped.append(f"{what}: {exc}")
             _log(f"    skipped {model}: {exc}")
             continue
         estimate = estimates.get(model, max(estimates.values(), default=0.0))
         if not budget.allows(estimate + 20):
-            results["skipped"].append(f"{what}: time budget ({budget.left():.0f} s left)")
+            results.skipped.append(f"{what}: time budget ({budget.left():.0f} s left)")
             _log("    skipped: time budget")
             continue
         try:
             cell = harness.measure_cell(model, batch, _settings(preset, px), modes, budget, _log,
                                         estimate)
-        except harness.Unavailable as exc:
-            results["skipped"].append(f"{what}: {exc}")
+        except models.Unavailable as exc:
+            results.skipped.append(f"{what}: {exc}")
             _log(f"    skipped {model}: {exc}")
             continue
         except Exception as exc:  # keep going: the run may be unattended
-            results["skipped"].append(f"{what}: failed, {type(exc).__name__}: {exc}")
+            results.skipped.append(f"{what}: failed, {type(exc).__name__}: {exc}")
             _log(f"    FAILED: {type(exc).__name__}: {exc}")
             torch._dynamo.reset()
             continue
-        estimates[model] = max(estimates.get(model, 0.0), cell.get("max_first_s", 0.0))
-        if cell.get("skipped_modes"):
-            results["skipped"].append(f"{what}: modes {', '.join(cell['skipped_modes'])} "
-                                      "(time budget)")
-        if "error" in cell:
-            results["skipped"].append(f"{what}: {cell['error']}")
+        estimates[model] = max(estimates.get(model, 0.0), cell.max_first_s or 0.0)
+        if cell.skipped_modes:
+            results.skipped.append(f"{what}: modes {', '.join(cell.skipped_modes)} "
+                                   "(time budget)")
+        if cell.error is not None:
+            results.skipped.append(f"{what}: {cell.error}")
         else:
-            results["cells"].append(cell)
+            results.cells.append(cell)
             _summary(cell)
         _save(results, out)
 
 
-def _summary(cell: dict[str, Any]) -> None:
-    modes = cell["modes"]
+def _summary(cell: CellResult) -> None:
     parts = []
     for name in ("compile", "builtin", "pass_auto", "pass_memory", "deploy"):
-        if name in modes:
-            r = modes[name]
-            parts.append(f"{name} {r['saved_bytes'] / 1e6:.1f} MB x{r.get('ratio', float('nan')):.2f}")
+        r = cell.modes.get(name)
+        if r is not None and r.saved_bytes is not None:
+            ratio = float("nan") if r.ratio is None else r.ratio
+            parts.append(f"{name} {r.saved_bytes / 1e6:.1f} MB x{ratio:.2f}")
     _log("    " + ", ".join(parts) + f"; noise ±{report.noise(cell) or float('nan'):.3f}")
 
 
-def _run_peak_rss(preset: Preset, modes: list[harness.Mode], results: dict[str, Any],
+def _run_peak_rss(preset: Preset, modes: list[harness.Mode], results: RunResult,
                   out: pathlib.Path, budget: harness.Budget) -> None:
     if preset.device != "cpu":
         if preset.peak_rss:
@@ -274,33 +276,33 @@ def _run_peak_rss(preset: Preset, modes: list[harness.Mode], results: dict[str, 
     for i, (model, batch, px) in enumerate(preset.peak_rss, 1):
         what = f"peak RSS: {model} batch {batch}" + (f" at {px} px" if px else "")
         _progress(i, len(preset.peak_rss), what, budget)
-        cell = next((c for c in results["cells"] if (c["model"], c["batch"]) == (model, batch)
-                     and (not px or c["input_shape"][-1] == px)), None)
+        cell = next((c for c in results.cells if (c.model, c.batch) == (model, batch)
+                     and (not px or (c.input_shape or [0])[-1] == px)), None)
         if cell is None:
-            cell = {"model": model, "batch": batch, "modes": {}, "rss_only": True}
-            results["cells"].append(cell)
-        estimate = cell.get("max_first_s", 0.0)
+            cell = CellResult(model, batch, rss_only=True)
+            results.cells.append(cell)
+        estimate = cell.max_first_s or 0.0
         for mode in modes:
             if mode.twin:
                 continue  # the same compiled code as the baseline
             if not budget.allows(1.2 * estimate + 20):
-                results["skipped"].append(f"{what}, {mode.name}: time budget")
+                results.skipped.append(f"{what}, {mode.name}: time budget")
                 continue
             rss = _spawn_worker(model, batch, px, mode.name, preset, budget)
-            estimate = max(estimate, rss.get("first_s", 0.0))
-            cell["modes"].setdefault(mode.name, {"mode": mode.name})["rss"] = rss
-            if "error" in rss:
-                _log(f"    {mode.name:<17} failed: {rss['error']}")
+            estimate = max(estimate, rss.first_s or 0.0)
+            cell.modes.setdefault(mode.name, ModeResult(mode.name)).rss = rss
+            if rss.error is not None:
+                _log(f"    {mode.name:<17} failed: {rss.error}")
             else:
-                _log(f"    {mode.name:<17} cold first call {rss['first_s']:.1f} s "
-                     f"({rss['first_cpu_s']:.1f} CPU s), step peak "
-                     f"{rss['step_peak_bytes'] / 1e6:.1f} MB, process peak "
-                     f"{rss['process_peak_bytes'] / 1e6:.0f} MB")
+                _log(f"    {mode.name:<17} cold first call {rss.first_s:.1f} s "
+                     f"({rss.first_cpu_s:.1f} CPU s), step peak "
+                     f"{(rss.step_peak_bytes or 0) / 1e6:.1f} MB, process peak "
+                     f"{(rss.process_peak_bytes or 0) / 1e6:.0f} MB")
             _save(results, out)
 
 
 def _spawn_worker(model: str, batch: int, px: int, mode: str, preset: Preset,
-                  budget: harness.Budget) -> dict[str, Any]:
+                  budget: harness.Budget) -> RssResult:
     spec = {"model": model, "batch": batch, "px": px, "mode": mode, "threads": preset.threads}
     with tempfile.TemporaryDirectory(prefix="convbn_bench_rss_") as cache:
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, MALLOC_MMAP_THRESHOLD_="65536",
@@ -313,11 +315,11 @@ def _spawn_worker(model: str, batch: int, px: int, mode: str, preset: Preset,
                                   text=True, timeout=(None if budget.deadline is None
                                                       else max(60.0, budget.left())))
         except subprocess.TimeoutExpired:
-            return {"error": "timed out (time budget)"}
+            return RssResult(error="timed out (time budget)")
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
-        return {"error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
-    return json.loads(lines[-1])
+        return RssResult(error=(done.stderr.strip().splitlines() or ["no output"])[-1])
+    return RssResult.from_json(json.loads(lines[-1]))
 
 
 def _worker(spec_text: str) -> int:
@@ -326,41 +328,42 @@ def _worker(spec_text: str) -> int:
         torch.set_num_threads(spec["threads"])
     settings = harness.Settings(px=spec["px"])
     result = harness.peak_rss_worker(spec["model"], spec["batch"], spec["mode"], settings)
-    print(json.dumps(result))
+    print(json.dumps(to_json(result)))
     return 0
 
 
-def _run_light(preset: Preset, modes: list[harness.Mode], results: dict[str, Any],
+def _run_light(preset: Preset, modes: list[harness.Mode], results: RunResult,
                out: pathlib.Path, budget: harness.Budget) -> None:
     for i, (model, batch, px) in enumerate(preset.light, 1):
         what = f"light: {model} batch {batch}" + (f" at {px} px" if px else "")
         _progress(i, len(preset.light), what, budget)
         if budget.left() <= 0:
-            results["skipped"].append(f"{what}: time budget")
+            results.skipped.append(f"{what}: time budget")
             continue
         try:
             cell = harness.light_cell(model, batch, px, modes, preset.device)
-        except harness.Unavailable as exc:
-            results["skipped"].append(f"{what}: {exc}")
+        except models.Unavailable as exc:
+            results.skipped.append(f"{what}: {exc}")
             _log(f"    skipped {model}: {exc}")
             continue
-        results["light"].append(cell)
-        _log("    " + ", ".join(f"{m} {r['saved_bytes'] / 1e6:.2f} MB"
-                                for m, r in cell["modes"].items()))
+        results.light.append(cell)
+        _log("    " + ", ".join(f"{m} {(r.saved_bytes or 0) / 1e6:.2f} MB"
+                                for m, r in cell.modes.items()))
         _save(results, out)
 
 
-def _run_blocks(preset: Preset, results: dict[str, Any], out: pathlib.Path,
+def _run_blocks(preset: Preset, results: RunResult, out: pathlib.Path,
                 budget: harness.Budget) -> None:
     from . import blocks
     for i, (model, batch, px) in enumerate(preset.blocks, 1):
         _progress(i, len(preset.blocks), f"blocks: {model} batch {batch} at {px} px", budget)
         found = blocks.measure_blocks(model, batch, _settings(preset, px), budget, _log)
-        results["blocks"] += found
+        results.blocks += found
         for b in found:
-            tune = b["modes"].get("pass_memory", {})
-            _log(f"    {b['block']}: act/weight {b['act_over_weight']:.2f}, "
-                 f"Tune/Eval {tune.get('ratio', float('nan')):.3f}, noise ±{report.noise(b) or 0:.3f}")
+            tune = b.modes.get("pass_memory")
+            ratio = float("nan") if tune is None or tune.ratio is None else tune.ratio
+            _log(f"    {b.block}: act/weight {b.act_over_weight:.2f}, "
+                 f"Tune/Eval {ratio:.3f}, noise ±{report.noise(b) or 0:.3f}")
         _save(results, out)
 
 
@@ -377,44 +380,44 @@ def _raise_recompile_limits() -> None:
                 break
 
 
-def _same_cell(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    return (a["model"], a["batch"]) == (b["model"], b["batch"]) and (
-        not a.get("input_shape") or not b.get("input_shape")
-        or a["input_shape"] == b["input_shape"])
+def _same_cell(a: CellResult, b: CellResult) -> bool:
+    return (a.model, a.batch) == (b.model, b.batch) and (
+        not a.input_shape or not b.input_shape or a.input_shape == b.input_shape)
 
 
 def _combine(dirs: Sequence[pathlib.Path], out: pathlib.Path, argv: Sequence[str]) -> int:
     """One report from several runs: their cells (peak-RSS-only cells merged into the
     grid cell they measured), block studies, light sweeps and skip lists."""
-    merged: dict[str, Any] = {"preset": "summary", "cells": [], "light": [], "blocks": [],
-                              "skipped": [], "sources": {}}
-    for folder in dirs:
+    sources: dict[str, str | None] = {}
+    merged = RunResult(preset="summary", sources=sources)
+    for i, folder in enumerate(dirs):
         path = folder / "results.json"
         if not path.exists():
             _log(f"error: {path} does not exist")
             return 2
-        part = json.loads(path.read_text())
-        merged["sources"][str(folder)] = part.get("command")
-        for key in ("environment", "settings", "modes_about"):
-            # the first grid run's settings and environment head the report
-            if key not in merged or (part.get("cells") and not merged["cells"]):
-                merged[key] = part.get(key)
-        for cell in part.get("cells", []):
+        part = report.read(path)
+        sources[str(folder)] = part.command
+        # the first grid run's settings and environment head the report
+        if i == 0 or (part.cells and not merged.cells):
+            merged.environment, merged.settings = part.environment, part.settings
+            merged.modes_about = part.modes_about
+        for cell in part.cells:
             # Peak-RSS-only cells join the grid cell they measured; timed cells of two runs
             # stay apart (their ratios and noise belong to their own run).
-            twin = next((c for c in merged["cells"] if _same_cell(c, cell)), None)
-            if twin is None or not cell.get("rss_only"):
-                merged["cells"].append(cell)
+            twin = next((c for c in merged.cells if _same_cell(c, cell)), None)
+            if twin is None or not cell.rss_only:
+                merged.cells.append(cell)
                 continue
-            for mode, result in cell["modes"].items():
-                twin["modes"].setdefault(mode, {"mode": mode})["rss"] = result["rss"]
-        for key in ("light", "blocks", "skipped"):
-            merged[key] += part.get(key, [])
-    merged["command"] = "python -m benchmarks.run " + shlex.join(argv)
-    merged["started"] = "(combined)"
+            for mode, result in cell.modes.items():
+                twin.modes.setdefault(mode, ModeResult(mode)).rss = result.rss
+        merged.light += part.light
+        merged.blocks += part.blocks
+        merged.skipped += part.skipped
+    merged.command = "python -m benchmarks.run " + shlex.join(argv)
+    merged.started = "(combined)"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "command.txt").write_text(merged["command"] + "\n" + "\n".join(
-        f"  {folder}: {command}" for folder, command in merged["sources"].items()) + "\n")
+    (out / "command.txt").write_text(merged.command + "\n" + "\n".join(
+        f"  {folder}: {command}" for folder, command in sources.items()) + "\n")
     _save(merged, out)
     written = report.write_all(merged, out)
     _log(f"wrote results.json, command.txt, {', '.join(written)} in {out}")
@@ -431,7 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not path.exists():
             _log(f"error: {path} does not exist")
             return 2
-        written = report.write_all(json.loads(path.read_text()), args.report_only)
+        written = report.write_all(report.read(path), args.report_only)
         _log(f"wrote {', '.join(written)} in {args.report_only}")
         return 0
     if args.combine:
@@ -453,13 +456,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     command = "python -m benchmarks.run " + shlex.join(argv)
     (out / "command.txt").write_text(command + "\n")
-    results: dict[str, Any] = {
-        "preset": name, "about": preset.about, "command": command,
-        "settings": dataclasses.asdict(preset), "environment": harness.environment(),
-        "modes_about": {m.name: m.about for m in modes},
-        "started": datetime.datetime.now().isoformat(timespec="seconds"),
-        "cells": [], "light": [], "blocks": [], "skipped": [],
-    }
+    results = RunResult(
+        preset=name, about=preset.about, command=command,
+        settings=dataclasses.asdict(preset), environment=harness.environment(),
+        modes_about={m.name: m.about for m in modes},
+        started=datetime.datetime.now().isoformat(timespec="seconds"))
     budget = harness.Budget(preset.budget)
     _log(f"{command}\n{preset.about}; results in {out}")
     _raise_recompile_limits()
@@ -469,8 +470,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _run_peak_rss(preset, modes, results, out, budget)
     _run_light(preset, modes, results, out, budget)
     _run_blocks(preset, results, out, budget)
-    results["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
-    results["elapsed_s"] = budget.elapsed()
+    results.finished = datetime.datetime.now().isoformat(timespec="seconds")
+    results.elapsed_s = budget.elapsed()
     _save(results, out)
     written = report.write_all(results, out)
     _log(f"done in {budget.elapsed():.0f} s; wrote results.json, command.txt, "

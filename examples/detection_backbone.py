@@ -33,7 +33,7 @@ import dataclasses
 import statistics
 import sys
 import time
-from typing import Callable, NoReturn, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -43,7 +43,8 @@ import convbn_pass
 from convbn_pass import zoo
 from convbn_pass.memory import saved_activation_bytes
 
-from examples_common import check_device, compile_model, process_settings, sync
+import examples_common
+from examples_common import compile_model, mb, process_settings, sync
 
 BACKBONES = {
     "resnet18": (zoo.BasicBlock, [2, 2, 2, 2]),
@@ -112,6 +113,8 @@ class Mode:
     model: nn.Module
     compiled: Callable[..., list]
     optimizer: torch.optim.Optimizer
+    # What the pass decided on each graph it compiled (filled by compile_model's callback).
+    decisions: list[convbn_pass.Decision] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -126,14 +129,14 @@ class Result:
 
 
 def first_call(mode: Mode, x: torch.Tensor) -> Result:
-    convbn_pass.clear_decisions()
+    before = len(mode.decisions)  # this shape's compile appends its own
     sync(x.device)
     start = time.perf_counter()
     saved = saved_activation_bytes(mode.compiled, mode.model, x)
     sync(x.device)
     elapsed = time.perf_counter() - start
     mode.optimizer.zero_grad(set_to_none=True)
-    found = convbn_pass.decisions()
+    found = mode.decisions[before:]
     return Result(saved, elapsed, [], sum(d.tuned for d in found), len(found))
 
 
@@ -168,7 +171,9 @@ def measure(args: argparse.Namespace) -> list[tuple[tuple[int, ...], list[Result
         model = copy.deepcopy(base)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=1e-4)
-        modes.append(Mode(name, model, compile_model(model, policy, args.backend, dynamic=False), opt))
+        decided: list[convbn_pass.Decision] = []
+        compiled = compile_model(model, policy, args.backend, decided, dynamic=False)
+        modes.append(Mode(name, model, compiled, opt, decided))
 
     table = []
     for batch in args.batch_sizes:
@@ -205,10 +210,10 @@ def report(table: list[tuple[tuple[int, ...], list[Result]]], args: argparse.Nam
     rows = []
     for shape, (base, tuned) in table:
         row = [str(shape[0]), "x".join(map(str, shape[1:])),
-               _mib(base.saved_bytes), _mib(tuned.saved_bytes),
+               mb(base.saved_bytes), mb(tuned.saved_bytes),
                f"{1 - tuned.saved_bytes / base.saved_bytes:.1%}"]
         if args.device.type == "cuda":
-            row += [_mib(base.cuda_peak), _mib(tuned.cuda_peak),
+            row += [mb(base.cuda_peak), mb(tuned.cuda_peak),
                     f"{1 - tuned.cuda_peak / base.cuda_peak:.1%}"]
         base_s, tuned_s = statistics.median(base.step_s), statistics.median(tuned.step_s)
         row += [f"{base_s:.3f} s", f"{tuned_s:.3f} s", f"{tuned_s / base_s:.2f}",
@@ -234,21 +239,10 @@ def report(table: list[tuple[tuple[int, ...], list[Result]]], args: argparse.Nam
           f"(same weights, same batch; the steps before it differ only by rounding)")
 
 
-def _mib(n: int) -> str:
-    mib = n / 2**20
-    return f"{mib:.1f} MiB" if mib >= 10 else f"{mib:.2f} MiB"
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Training step of a detector with frozen-BN ResNet backbone, compiled "
-                    "with and without convbn_pass: activation memory and time at batch 1 and 2.")
-    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
-    parser.add_argument("--backend", choices=("inductor", "light"), default="inductor",
-                        help="inductor (default); light: the pass + AOTAutograd without "
-                             "code generation, quick for checks")
-    parser.add_argument("--policy", choices=sorted(convbn_pass.POLICIES), default="auto",
-                        help="the pass's policy (default auto)")
+    parser = examples_common.parser(
+        "Training step of a detector with frozen-BN ResNet backbone, compiled with and "
+        "without convbn_pass: activation memory and time at batch 1 and 2.")
     parser.add_argument("--backbone", choices=sorted(BACKBONES), default="resnet50")
     parser.add_argument("--width", type=int, default=64, help="backbone stem channels (64)")
     parser.add_argument("--fpn", type=int, default=128, help="FPN channels (default 128)")
@@ -260,17 +254,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-sizes", default="1,2", help="default 1,2")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per mode (5)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (1)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (default: torch's choice); on a machine "
-                             "shared with other jobs, 1 gives steadier step times")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
-
-    def fail(message: str) -> NoReturn:  # one line, no usage block: the values are wrong
-        parser.exit(2, f"{parser.prog}: error: {message}\n")
+    return examples_common.parse(parser, argv, _check)
 
 
+def _check(args: argparse.Namespace, fail: examples_common.Fail) -> None:
     try:
         args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     except ValueError:
@@ -281,10 +268,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         fail("--steps, --width and --fpn must be at least 1, --warmup at least 0")
     if not 0 < args.scale <= 4:
         fail(f"--scale must be in (0, 4], not {args.scale}")
-    if args.threads is not None and args.threads < 1:
-        fail("--threads must be at least 1")
-    args.device = check_device(args.device, fail)
-    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:

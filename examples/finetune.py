@@ -40,18 +40,18 @@ import pathlib
 import statistics
 import sys
 import time
-from typing import Callable, NoReturn, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch._dynamo.utils import counters
 
 import convbn_pass
 from convbn_pass import zoo
 from convbn_pass.memory import saved_activation_bytes
 
-from examples_common import check_device, compile_model, process_settings, sync
+import examples_common
+from examples_common import compile_model, mb, process_settings, sync
 
 DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "out" / "finetune_loss.png"
 
@@ -142,11 +142,12 @@ class Run:
     losses: list[float] = dataclasses.field(default_factory=list)
     step_s: list[float] = dataclasses.field(default_factory=list)
     cuda_peak: int = 0            # most memory a step allocated above what was resident
+    # What the pass decided on each graph it compiled (filled by compile_model's callback).
+    decisions: list[convbn_pass.Decision] = dataclasses.field(default_factory=list)
 
     def first_call(self, x: torch.Tensor, reference: dict[str, torch.Tensor]) -> None:
         """Compile; measure what one step keeps for backward and how far its
         gradients are from the float64 ``reference``."""
-        convbn_pass.clear_decisions()
         start = time.perf_counter()
         self.saved_bytes = saved_activation_bytes(self.compiled, self.model, x)
         sync(self.device)
@@ -154,10 +155,8 @@ class Run:
         self.grad_error = max(
             float((p.grad.double() - reference[n]).norm() / reference[n].norm().clamp_min(1e-30))
             for n, p in self.model.named_parameters())
-        found = convbn_pass.decisions()
-        self.tuned = sum(d.tuned for d in found)
-        self.candidates = len(found)
-        assert self.tuned == counters["convbn_pass"]["tuned"]
+        self.tuned = sum(d.tuned for d in self.decisions)
+        self.candidates = len(self.decisions)
         self.optimizer.zero_grad(set_to_none=True)  # drop the measuring step's gradients
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -210,7 +209,9 @@ def finetune(backbone: zoo.ResNet, train: Split, args: argparse.Namespace,
     for name, policy in (("without pass", None), (f"with pass ({args.policy})", args.policy)):
         model = copy.deepcopy(backbone)
         opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
-        runs.append(Run(name, model, compile_model(model, policy, args.backend), opt, device))
+        decided: list[convbn_pass.Decision] = []
+        compiled = compile_model(model, policy, args.backend, decided)
+        runs.append(Run(name, model, compiled, opt, device, decisions=decided))
 
     order = batches(train, args.batch, args.epochs, args.seed + 2)
     first = train.x[order[0]].to(device)
@@ -257,7 +258,7 @@ def report(runs: list[Run], test: Split, args: argparse.Namespace) -> None:
     warm = args.warmup
     rows = [
         ("activation memory kept for backward",
-         *(f"{r.saved_bytes / 2**20:.2f} MiB" for r in runs)),
+         *(mb(r.saved_bytes) for r in runs)),
         ("compile + first step", *(f"{r.first_call_s:.1f} s" for r in runs)),
         (f"step time (median of {len(base.step_s[warm:])}, after {warm} warm-up)",
          *(f"{statistics.median(r.step_s[warm:]) * 1e3:.1f} ms" for r in runs)),
@@ -270,7 +271,7 @@ def report(runs: list[Run], test: Split, args: argparse.Namespace) -> None:
     ]
     if base.device.type == "cuda":
         rows.insert(1, ("CUDA peak of a step, above resident",
-                        *(f"{r.cuda_peak / 2**20:.1f} MiB" for r in runs)))
+                        *(mb(r.cuda_peak) for r in runs)))
     saving = 1 - tuned.saved_bytes / base.saved_bytes
     speed = statistics.median(tuned.step_s[warm:]) / statistics.median(base.step_s[warm:])
     width = max(len(r[0]) for r in rows)
@@ -310,7 +311,7 @@ def plot(runs: list[Run], path: pathlib.Path) -> None:
                                       gridspec_kw={"height_ratios": [3, 1.3]})
     for run, style in ((base, dict(linewidth=2.5, alpha=0.6)),
                        (tuned, dict(linestyle="--", linewidth=1.2, color="black"))):
-        top.plot(steps, run.losses, label=f"{run.name}: {run.saved_bytes / 2**20:.2f} MiB "
+        top.plot(steps, run.losses, label=f"{run.name}: {mb(run.saved_bytes)} "
                  "kept for backward", **style)
     top.set_ylabel("training loss")
     top.set_title("Fine-tuning with eval-mode BatchNorm, torch.compile with and without "
@@ -330,15 +331,9 @@ def plot(runs: list[Run], path: pathlib.Path) -> None:
 # --- command line -------------------------------------------------------------------
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Fine-tune a ResNet with eval-mode BatchNorm, compiled with and without "
-                    "convbn_pass, on scikit-learn's digits; compare loss, memory and time.")
-    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
-    parser.add_argument("--backend", choices=("inductor", "light"), default="inductor",
-                        help="inductor (default); light: the pass + AOTAutograd without "
-                             "code generation, quick for checks")
-    parser.add_argument("--policy", choices=sorted(convbn_pass.POLICIES), default="auto",
-                        help="the pass's policy (default auto)")
+    parser = examples_common.parser(
+        "Fine-tune a ResNet with eval-mode BatchNorm, compiled with and without "
+        "convbn_pass, on scikit-learn's digits; compare loss, memory and time.")
     parser.add_argument("--layers", default="2,2,2,2",
                         help="blocks per ResNet stage (default 2,2,2,2: ResNet-18's layout)")
     parser.add_argument("--width", type=int, default=16, help="stem channels (default 16)")
@@ -354,23 +349,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="use at most this many images per task (quick runs)")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                         help="float64 shows that the two loss curves differ by rounding only")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (default: torch's choice); on a machine "
-                             "shared with other jobs, 1 gives steadier step times")
     parser.add_argument("--rtol", type=float, default=None,
                         help="exit with status 1 if the loss curves differ by more than this "
                              "(relative); default 1e-9 in float64, unchecked in float32, "
                              "where training amplifies rounding")
     parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT,
                         help=f"plot file (default {DEFAULT_OUT})")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
-
-    def fail(message: str) -> NoReturn:  # one line, no usage block: the values are wrong
-        parser.exit(2, f"{parser.prog}: error: {message}\n")
+    return examples_common.parse(parser, argv, _check)
 
 
+def _check(args: argparse.Namespace, fail: examples_common.Fail) -> None:
     try:
         args.layers = [int(n) for n in args.layers.split(",")]
     except ValueError:
@@ -383,10 +371,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.dtype = getattr(torch, args.dtype)
     if args.rtol is None and args.dtype == torch.float64:
         args.rtol = 1e-9
-    if args.threads is not None and args.threads < 1:
-        fail("--threads must be at least 1")
-    args.device = check_device(args.device, fail)
-    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,8 +7,13 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
+from torch._dynamo.utils import counters
 
-from convbn_pass import zoo
+import convbn_pass
+from convbn_pass import backends, zoo
+from convbn_pass.records import COUNTER
+
+CompileFn = Callable[[nn.Module], Callable[..., Any]]
 
 KINDS = ["conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
          "conv_transpose3d", "linear"]
@@ -90,3 +95,33 @@ def errors(step: Step, ref: Step) -> dict[str, float]:
         assert step.grads[name] is not None, f"no gradient reached {name}"
         errs[name] = rel_err(step.grads[name], grad)
     return errs
+
+
+# --- Compiling, shared by every test file ---------------------------------------------
+
+def light(policy: str | None) -> CompileFn:
+    """``torch.compile`` through the light backend (the pass, then AOTAutograd, no code
+    generation); ``policy=None``: the same backend without the pass."""
+    return lambda model: torch.compile(model, backend=backends.light(policy))
+
+
+def inductor_options(policy: str | None, **opts: Any) -> dict[str, Any]:
+    """Inductor options with the pass under ``policy`` (None: without it), FX graph
+    cache off unless ``opts`` say otherwise, so that the pass runs every time."""
+    opts.setdefault("fx_graph_cache", False)
+    return convbn_pass.options(policy, **opts) if policy is not None else opts
+
+
+def inductor(policy: str | None, **opts: Any) -> CompileFn:
+    """``torch.compile`` through Inductor, options as :func:`inductor_options`."""
+    options = inductor_options(policy, **opts)
+    return lambda model: torch.compile(model, options=options)
+
+
+def counts() -> dict[str, int]:
+    """This test's ``counters["convbn_pass"]``, zero entries left out."""
+    return {k: v for k, v in counters[COUNTER].items() if v}
+
+
+def tuned() -> int:
+    return counters[COUNTER]["tuned"]

@@ -38,8 +38,8 @@ def _load(name: str) -> ModuleType:
 
 
 def _mib(text: str, label: str) -> tuple[float, float]:
-    """The two MiB figures of the finetune table's row ``label``."""
-    match = re.search(rf"^{re.escape(label)}\s+([\d.]+) MiB\s+([\d.]+) MiB$", text, re.M)
+    """The two MB figures of the finetune table's row ``label``."""
+    match = re.search(rf"^{re.escape(label)}\s+([\d.]+) MB\s+([\d.]+) MB$", text, re.M)
     assert match, f"no row {label!r} in:\n{text}"
     return float(match.group(1)), float(match.group(2))
 
@@ -86,7 +86,7 @@ def test_detection_table(capsys, device):
                                              *_device_args(device)])
     text = capsys.readouterr().out
     assert code == 0, text
-    row = r"^\s+(\d+)\s+3x\d+x\d+\s+([\d.]+) MiB\s+([\d.]+) MiB\s+([\d.]+)%"
+    row = r"^\s+(\d+)\s+3x\d+x\d+\s+([\d.]+) MB\s+([\d.]+) MB\s+([\d.]+)%"
     rows = re.findall(row, text, re.M)
     assert [r[0] for r in rows] == ["1", "2"], text
     for _, without, with_pass, saving in rows:

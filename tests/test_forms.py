@@ -18,14 +18,10 @@ import torch.nn.functional as F
 import convbn_pass
 from convbn_pass import backends, zoo
 from convbn_pass.printing import format_graph
-from convbn_pass.records import COUNTER
-from helpers import KINDS, Step, block, errors, sample
+from torch.fx.experimental.proxy_tensor import make_fx
+from helpers import KINDS, Step, block, counts, errors, light, rel_err, sample
 
 TOL = 1e-10
-
-
-def _counts() -> dict[str, int]:
-    return dict(torch._dynamo.utils.counters[COUNTER])
 
 
 def _check(model: nn.Module, x: torch.Tensor, tuned: int, skipped: dict[str, int] | None = None,
@@ -33,11 +29,11 @@ def _check(model: nn.Module, x: torch.Tensor, tuned: int, skipped: dict[str, int
     """Through Dynamo and the light backend, in float64."""
     model = zoo.randomize_bn(model).eval()
     ref = Step(model, x, dtype=torch.float64)
-    got = Step(model, x, lambda m: torch.compile(m, backend=backends.light(policy)),
+    got = Step(model, x, light(policy),
                dtype=torch.float64)
     expected = {"tuned": tuned} if tuned else {}
     expected.update({f"skipped_{k}": n for k, n in (skipped or {}).items()})
-    assert _counts() == expected
+    assert counts() == expected
     errs = errors(got, ref)
     assert max(errs.values()) <= TOL, errs
     assert got.buffers_unchanged()
@@ -151,6 +147,20 @@ class TransposeOutputSize(nn.Module):
         return self.bn(self.up(x, output_size=[14, 12]))
 
 
+class FunctionalTranspose(nn.Module):
+    """``F.conv_transpose2d`` with ``output_padding`` (and the rest) by keyword."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose2d(4, 6, 3)
+        self.bn = nn.BatchNorm2d(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.conv_transpose2d(x, self.up.weight, bias=self.up.bias, stride=2, padding=1,
+                               output_padding=1, groups=1, dilation=1)
+        return self.bn(y)
+
+
 def seq(*layers: nn.Module) -> nn.Sequential:
     return nn.Sequential(*layers)
 
@@ -161,24 +171,35 @@ X2 = torch.randn(2, 4, 7, 6)
 # --- Forms through Dynamo ---------------------------------------------------------------
 
 @pytest.mark.parametrize("model,tuned", [
-    (Functional("kwargs"), 1),
-    (Functional("three_args"), 1),
-    (Functional("torch_batch_norm"), 1),
-    (seq(nn.Conv2d(4, 6, 3, padding="same"), nn.BatchNorm2d(6)), 1),
-    (seq(nn.Conv2d(4, 6, 3, padding="valid"), nn.BatchNorm2d(6)), 1),
-    (seq(nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect"), nn.BatchNorm2d(6)), 1),
-    (seq(nn.Conv2d(4, 6, 3, padding=2, padding_mode="circular"), nn.BatchNorm2d(6)), 1),
-    (seq(nn.Conv2d(4, 6, 3, padding=1, padding_mode="replicate"), nn.BatchNorm2d(6)), 1),
-    (seq(nn.Conv2d(4, 6, 3, stride=2, dilation=2, padding=2), nn.BatchNorm2d(6)), 1),
-    (seq(nn.Conv2d(4, 4, 3, groups=4, bias=False), nn.BatchNorm2d(4)), 1),  # depthwise
-    (seq(nn.ConvTranspose2d(4, 6, 3, stride=2, output_padding=1, groups=2),
-         nn.BatchNorm2d(6)), 1),
-    (seq(nn.Conv2d(4, 6, 3), nn.SyncBatchNorm(6)), 1),  # eval SyncBatchNorm is plain BN
-    (seq(nn.Conv2d(4, 6, 3), PlainBN(6)), 1),
-    (seq(nn.Conv2d(4, 6, 3), ActBN(6)), 1),  # inlined: BN then silu, both kept
-    (seq(nn.Conv2d(4, 6, 3), nn.BatchNorm2d(6), nn.ReLU(inplace=True)), 1),
-    (TransposeOutputSize(), 1),
-    (CalledTwice(), 1),
+    pytest.param(Functional("kwargs"), 1, id="functional-kwargs"),
+    pytest.param(Functional("three_args"), 1, id="functional-batch_norm-3-args"),
+    pytest.param(Functional("torch_batch_norm"), 1, id="torch.batch_norm-aten-order"),
+    pytest.param(seq(nn.Conv2d(4, 6, 3, padding="same"), nn.BatchNorm2d(6)), 1,
+                 id="conv2d-padding-same"),
+    pytest.param(seq(nn.Conv2d(4, 6, 3, padding="valid"), nn.BatchNorm2d(6)), 1,
+                 id="conv2d-padding-valid"),
+    pytest.param(seq(nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect"),
+                     nn.BatchNorm2d(6)), 1, id="conv2d-reflect"),
+    pytest.param(seq(nn.Conv2d(4, 6, 3, padding=2, padding_mode="circular"),
+                     nn.BatchNorm2d(6)), 1, id="conv2d-circular"),
+    pytest.param(seq(nn.Conv2d(4, 6, 3, padding=1, padding_mode="replicate"),
+                     nn.BatchNorm2d(6)), 1, id="conv2d-replicate"),
+    pytest.param(seq(nn.Conv2d(4, 6, 3, stride=2, dilation=2, padding=2), nn.BatchNorm2d(6)),
+                 1, id="conv2d-stride2-dilation2"),
+    pytest.param(seq(nn.Conv2d(4, 4, 3, groups=4, bias=False), nn.BatchNorm2d(4)), 1,
+                 id="conv2d-depthwise-nobias"),
+    pytest.param(seq(nn.ConvTranspose2d(4, 6, 3, stride=2, output_padding=1, groups=2),
+                     nn.BatchNorm2d(6)), 1, id="conv_transpose2d-output_padding-groups2"),
+    # eval SyncBatchNorm is plain BN
+    pytest.param(seq(nn.Conv2d(4, 6, 3), nn.SyncBatchNorm(6)), 1, id="conv2d-syncbn"),
+    pytest.param(seq(nn.Conv2d(4, 6, 3), PlainBN(6)), 1, id="conv2d-bn-subclass"),
+    # inlined: BN then silu, both kept
+    pytest.param(seq(nn.Conv2d(4, 6, 3), ActBN(6)), 1, id="conv2d-bn-act-subclass"),
+    pytest.param(seq(nn.Conv2d(4, 6, 3), nn.BatchNorm2d(6), nn.ReLU(inplace=True)), 1,
+                 id="conv2d-bn-relu-inplace"),
+    pytest.param(TransposeOutputSize(), 1, id="conv_transpose2d-output_size"),
+    pytest.param(FunctionalTranspose(), 1, id="F.conv_transpose2d-output_padding-kwarg"),
+    pytest.param(CalledTwice(), 1, id="conv-module-called-twice"),
 ])
 def test_dynamo_forms(model, tuned):
     _check(model, X2, tuned)
@@ -193,16 +214,20 @@ def test_fx_module_kinds(kind):
 
 
 @pytest.mark.parametrize("model,tuned,skipped", [
-    (seq(nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect"), nn.BatchNorm2d(6)), 1, {}),
-    (seq(nn.Conv2d(4, 6, 3, padding="same", dilation=2), nn.BatchNorm2d(6)), 1, {}),
-    (seq(nn.Conv2d(4, 6, 3), nn.SyncBatchNorm(6)), 1, {}),
-    (seq(nn.Conv2d(4, 6, 3), PlainBN(6)), 1, {}),
-    (seq(nn.Conv2d(4, 6, 3), ActBN(6)), 0, {"custom_forward": 1}),
-    (CalledTwice(), 1, {}),
-    (MultiUser(), 0, {"conv_multi_user": 1}),
-    (TransposeOutputSize(), 0, {"output_size": 1}),
-    (Functional("kwargs"), 1, {}),
-    (Functional("torch_batch_norm"), 1, {}),
+    pytest.param(seq(nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect"), nn.BatchNorm2d(6)),
+                 1, {}, id="conv2d-reflect"),
+    pytest.param(seq(nn.Conv2d(4, 6, 3, padding="same", dilation=2), nn.BatchNorm2d(6)), 1, {},
+                 id="conv2d-same-dilation2"),
+    pytest.param(seq(nn.Conv2d(4, 6, 3), nn.SyncBatchNorm(6)), 1, {}, id="conv2d-syncbn"),
+    pytest.param(seq(nn.Conv2d(4, 6, 3), PlainBN(6)), 1, {}, id="conv2d-bn-subclass"),
+    pytest.param(seq(nn.Conv2d(4, 6, 3), ActBN(6)), 0, {"custom_forward": 1},
+                 id="conv2d-bn-act-subclass-custom-forward"),
+    pytest.param(CalledTwice(), 1, {}, id="conv-module-called-twice"),
+    pytest.param(MultiUser(), 0, {"conv_multi_user": 1}, id="conv-multi-user"),
+    pytest.param(TransposeOutputSize(), 0, {"output_size": 1},
+                 id="conv_transpose2d-output_size"),
+    pytest.param(Functional("kwargs"), 1, {}, id="functional-kwargs"),
+    pytest.param(Functional("torch_batch_norm"), 1, {}, id="torch.batch_norm-aten-order"),
 ])
 def test_fx_forms(model, tuned, skipped):
     _check_fx(model, X2, tuned, skipped)
@@ -221,25 +246,76 @@ def test_exported_aten_graph(kind):
     assert max(errs.values()) <= TOL, errs
 
 
+def _make_fx(model: nn.Module, x: torch.Tensor) -> tuple[fx.GraphModule, list[torch.Tensor]]:
+    """The model traced by make_fx: parameters and buffers as inputs, aten ops,
+    BatchNorm as ``aten.native_batch_norm`` with three getitems, two of them unused."""
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+
+    def f(x: torch.Tensor, *values: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(model, dict(zip(tensors, values)), (x,))
+    return make_fx(f)(x, *tensors.values()), list(tensors.values())
+
+
+@pytest.mark.parametrize("kind", ["conv2d", "conv_transpose2d"])
+def test_make_fx_aten_graph(kind):
+    """make_fx graphs: aten.convolution (transposed as an argument) and
+    aten.native_batch_norm, whose unused save_mean/save_invstd getitems go with it."""
+    model = block(kind, groups=2).double()
+    x = sample(kind, dtype=torch.float64)
+    gm, tensors = _make_fx(model, x)
+    assert "aten.native_batch_norm" in format_graph(gm)
+    decided = convbn_pass.apply(gm, [x, *tensors], policy="memory")
+    assert [(d.op, d.reason) for d in decided] == [("convolution", "tuned")]
+    assert "batch_norm" not in format_graph(gm) and "getitem" not in format_graph(gm)
+    # The parameters are graph inputs here: gradients are taken with respect to them.
+    inputs = [x.clone().requires_grad_(True),
+              *(t.detach().clone().requires_grad_(t.requires_grad) for t in tensors)]
+    out = gm(*inputs)
+    upstream = torch.randn_like(out)
+    n_params = len(list(model.parameters()))  # W, b, γ, β come first among the inputs
+    grads = torch.autograd.grad((out * upstream).sum(), inputs[:1 + n_params])
+    ref_x = x.clone().requires_grad_(True)
+    ref_out = model(ref_x)
+    ref_grads = torch.autograd.grad((ref_out * upstream).sum(), [ref_x, *model.parameters()])
+    assert rel_err(out, ref_out) <= TOL
+    for got, want in zip(grads, ref_grads, strict=True):
+        assert rel_err(got, want) <= TOL
+
+
+def test_make_fx_used_save_mean_is_left_alone():
+    """A used second output (save_mean) keeps the BatchNorm: bn_extra_outputs."""
+    def build(g, t):
+        x = g.placeholder("x")
+        y = g.call_function(torch.ops.aten.convolution.default,
+                            (x, t["0.weight"], t["0.bias"], [1, 1], [0, 0], [1, 1], False,
+                             [0, 0], 1))
+        bn = g.call_function(torch.ops.aten.native_batch_norm.default,
+                             (y, t["1.weight"], t["1.bias"], t["1.running_mean"],
+                              t["1.running_var"], False, 0.1, 1e-5))
+        g.output((g.call_function(operator.getitem, (bn, 0)),
+                  g.call_function(operator.getitem, (bn, 1))))
+    assert _reasons(_graph(build)) == ["bn_extra_outputs"]
+
+
 # --- Guards: each leaves the block alone, with its reason, and the numbers right --------
 
 def test_guard_bn_training():
     model = zoo.randomize_bn(block("conv2d")).train()
     ref = Step(model, X2, dtype=torch.float64)
-    got = Step(model, X2, lambda m: torch.compile(m, backend=backends.light("memory")),
+    got = Step(model, X2, light("memory"),
                dtype=torch.float64)
-    assert _counts() == {"skipped_bn_training": 1}
+    assert counts() == {"skipped_bn_training": 1}
     assert max(errors(got, ref).values()) <= TOL
     for name, buf in ref.model.named_buffers():  # running statistics updated alike
         torch.testing.assert_close(dict(got.model.named_buffers())[name], buf)
 
 
 @pytest.mark.parametrize("model,x,skipped", [
-    (seq(nn.Conv2d(4, 6, 3), nn.BatchNorm2d(6, track_running_stats=False)), X2,
-     "no_running_stats"),
-    (MultiUser(), X2, "conv_multi_user"),
+    pytest.param(seq(nn.Conv2d(4, 6, 3), nn.BatchNorm2d(6, track_running_stats=False)), X2,
+                 "no_running_stats", id="no_running_stats"),
+    pytest.param(MultiUser(), X2, "conv_multi_user", id="conv_multi_user"),
     # The built-in PyTorch pass fuses this one and returns wrong values.
-    (Linear3d(), torch.randn(3, 6, 5), "linear_axis"),
+    pytest.param(Linear3d(), torch.randn(3, 6, 5), "linear_axis", id="linear_axis"),
 ])
 def test_guards_dynamo(model, x, skipped):
     _check(model, x, tuned=0, skipped={skipped: 1})
@@ -263,6 +339,44 @@ def _graph(build) -> fx.GraphModule:
 
 def _reasons(gm: fx.GraphModule) -> list[str]:
     return [d.reason for d in convbn_pass.apply(gm, policy="memory")]
+
+
+def _bn(g, y, t):
+    return g.call_function(F.batch_norm, (y, t["1.running_mean"], t["1.running_var"],
+                                          t["1.weight"], t["1.bias"]))
+
+
+def _conv_groups_from_input(g, t):
+    x, groups = g.placeholder("x"), g.placeholder("groups")
+    g.output(_bn(g, g.call_function(F.conv2d, (x, t["0.weight"], t["0.bias"], 1, 0, 1, groups)),
+                 t))
+
+
+def _weight_without_shape(g, t):
+    x, weight = g.placeholder("x"), g.placeholder("weight")  # no recorded shape
+    g.output(_bn(g, g.call_function(F.conv2d, (x, weight)), t))
+
+
+def _transposed_from_input(g, t):
+    x, transposed = g.placeholder("x"), g.placeholder("transposed")
+    y = g.call_function(torch.ops.aten.convolution.default,
+                        (x, t["0.weight"], t["0.bias"], [1, 1], [0, 0], [1, 1], transposed,
+                         [0, 0], 1))
+    g.output(_bn(g, y, t))
+
+
+@pytest.mark.parametrize("build,detail", [
+    pytest.param(_conv_groups_from_input, "the conv's groups is not a constant",
+                 id="groups-computed"),
+    pytest.param(_weight_without_shape, "(weight or running_mean)", id="weight-shape-unrecorded"),
+    pytest.param(_transposed_from_input, "shapes are not recorded",
+                 id="convolution-transposed-computed"),
+])
+def test_guard_shape_unknown_causes(build, detail):
+    """Every other cause of shape_unknown (the linear one is above), each in a
+    hand-built graph."""
+    (decision,) = convbn_pass.apply(_graph(build), policy="memory")
+    assert decision.reason == "shape_unknown" and detail in decision.detail
 
 
 def test_guard_training_not_constant():
@@ -331,8 +445,7 @@ def test_idempotent_via_dynamo():
     seen = []
     model = zoo.randomize_bn(block("conv2d"))
 
-    def twice(kind, gm):
-        if kind == "pre":
-            seen.append(convbn_pass.rewrite.run(gm.graph, "memory"))
+    def twice(rewrite):
+        seen.append(convbn_pass.rewrite.run(rewrite.after, "memory"))
     torch.compile(model, backend=backends.light("memory", on_graph=twice))(X2)
     assert seen == [[]]

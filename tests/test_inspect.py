@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import re
+import subprocess
 import sys
 import types
 from typing import Any, Iterator
@@ -24,6 +25,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 import convbn_pass
 from convbn_pass import inspect as cli
+from convbn_pass import report as report_module
 from convbn_pass import zoo
 
 # resnet_tiny (12 conv-BN pairs) at its own input, batch 4 at 32x32: a few seconds a compile.
@@ -196,7 +198,7 @@ _PAIR = {"graph", "conv", "bn", "op", "action", "reason", "detail", "weight_nume
 
 def test_json_fields_are_the_compilers_records() -> None:
     report = _json(*TINY, "--graphs", "after")
-    assert report["schema_version"] == cli.SCHEMA_VERSION == 1
+    assert report["schema_version"] == report_module.SCHEMA_VERSION == 1
     assert set(report) == _TOP_LEVEL
     assert report["model"] == {"spec": "resnet_tiny", "source": "zoo",
                                "about": zoo.MODELS["resnet_tiny"].about}
@@ -310,9 +312,8 @@ def test_inductor_backend_with_a_user_pass_and_the_pass_enabled_globally() -> No
 
 
 def test_a_baseline_that_ran_the_pass_is_refused() -> None:
-    decision = convbn_pass.Decision(1, "conv", "bn", "conv2d", "tune", "tuned", "", 1, 1)
-    baseline = cli._Run([], [decision], {"tuned": 1}, 0, 0.0, 0.0)
-    tuned = cli._Run([], [], {}, 0, 0.0, 0.0)
+    baseline = cli._Run(cli._Compile(), {"tuned": 1}, 0, 0.0, 0.0)
+    tuned = cli._Run(cli._Compile(), {}, 0, 0.0, 0.0)
     with pytest.raises(cli._Failure, match="the pass ran in it"):
         cli._check_distinct(baseline, tuned)
 
@@ -354,3 +355,14 @@ def test_debug_adds_the_traceback() -> None:
     assert status == 2
     assert "Traceback" in err
     assert err.splitlines()[-1].startswith("convbn_pass.inspect: error: unknown model")
+
+
+def test_a_reader_that_closes_the_pipe_early_is_no_error() -> None:
+    """``python -m convbn_pass.inspect ... | head -40``: the reader goes away before
+    the report is written; no traceback, exit status 0."""
+    proc = subprocess.Popen([sys.executable, "-m", "convbn_pass.inspect", "--list"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # before the report: the process is still importing torch
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err

@@ -6,15 +6,14 @@ the same on any machine for the same graph.
 
 from __future__ import annotations
 
-from typing import Any
 
 import pytest
 import torch
 from torch.utils.checkpoint import CheckpointPolicy
 
-import convbn_pass
 from convbn_pass import backends, deploy, memory, zoo
 from convbn_pass.records import COUNTER
+from helpers import inductor, light
 
 
 def _resnet() -> tuple[torch.nn.Module, torch.Tensor]:
@@ -24,17 +23,6 @@ def _resnet() -> tuple[torch.nn.Module, torch.Tensor]:
 
 def _saved(model: torch.nn.Module, x: torch.Tensor, compile_fn) -> int:
     return memory.saved_activation_bytes(compile_fn(model), model, x)
-
-
-def _light(policy: str | None):
-    return lambda m: torch.compile(m, backend=backends.light(policy))
-
-
-def _inductor(policy: str | None):
-    opts: dict[str, Any] = {"fx_graph_cache": False}
-    if policy is not None:
-        opts = convbn_pass.options(policy, **opts)
-    return lambda m: torch.compile(m, options=opts)
 
 
 def _check_floor(make) -> dict[str, int]:
@@ -53,15 +41,15 @@ def _check_floor(make) -> dict[str, int]:
 
 
 def test_light_backend_reaches_deploy_floor():
-    figures = _check_floor(_light)
+    figures = _check_floor(light)
     # Keeping W′ (what the built-in pass does) costs an extra weight per block.
     model, x = _resnet()
-    assert _saved(model, x, _light("keep_weight")) > figures["tune"]
+    assert _saved(model, x, light("keep_weight")) > figures["tune"]
 
 
 @pytest.mark.inductor
 def test_inductor_reaches_deploy_floor():
-    _check_floor(_inductor)
+    _check_floor(inductor)
 
 
 def test_forward_graph_saves_neither_conv_output_nor_weight():
@@ -73,7 +61,7 @@ def test_forward_graph_saves_neither_conv_output_nor_weight():
     def keep(kind, gm):
         if kind == "forward":
             forward.append(gm)
-    compiled = torch.compile(model, backend=backends.light("memory", on_graph=keep))
+    compiled = torch.compile(model, backend=backends.light("memory", on_partition=keep))
     compiled(x).sum().backward()
     (gm,) = forward
     outputs = gm.graph.output_node().args[0]
@@ -88,10 +76,7 @@ def test_forward_graph_saves_neither_conv_output_nor_weight():
     torch._dynamo.reset()
     forward.clear()
 
-    def keep_plain(kind, gm):
-        if kind == "forward":
-            forward.append(gm)
-    torch.compile(model, backend=backends.light(None, on_graph=keep_plain))(x).sum().backward()
+    torch.compile(model, backend=backends.light(None, on_partition=keep))(x).sum().backward()
     plain_saved = forward[0].graph.output_node().args[0][1:]
     assert any(isinstance(n, torch.fx.Node) and n.target is torch.ops.aten.convolution.default
                for n in plain_saved)

@@ -8,6 +8,10 @@ import torch.nn as nn
 
 import convbn_pass
 from convbn_pass import backends, memory, zoo
+from convbn_pass import policy as policy_module
+from convbn_pass.forms import Follow
+from convbn_pass.match import Candidate
+from convbn_pass.records import Action
 
 
 def _decide(model: nn.Module, x: torch.Tensor, policy: str = "auto") -> list[tuple[str, str]]:
@@ -34,22 +38,27 @@ class _UNetStage(nn.Module):
 
 @pytest.mark.parametrize("model,x,reason,detail", [
     # conv output 2·8·32·32 = 16,384 elements, weight 8·3·3·3 = 216: tuned
-    (_pair(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)), torch.randn(2, 3, 32, 32),
-     "tuned", "activation 16,384 >= weight 216"),
+    pytest.param(_pair(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)),
+                 torch.randn(2, 3, 32, 32), "tuned", "activation 16,384 >= weight 216",
+                 id="early-stage-tuned"),
     # a late-stage shape: output 1·64·2·2 = 256, weight 64·64·3·3 = 36,864: Eval
-    (_pair(nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64)), torch.randn(1, 64, 2, 2),
-     "policy_eval", "activation 256 < weight 36,864"),
+    pytest.param(_pair(nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64)),
+                 torch.randn(1, 64, 2, 2), "policy_eval", "activation 256 < weight 36,864",
+                 id="late-stage-eval"),
     # ReLU6 after the BN, on CPU: Eval, whatever the sizes
-    (_pair(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6()),
-     torch.randn(2, 3, 32, 32), "policy_eval", "conv → hardtanh"),
+    pytest.param(_pair(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6()),
+                 torch.randn(2, 3, 32, 32), "policy_eval", "conv → hardtanh", id="relu6-cpu"),
     # a ResNet stem: BN → ReLU → max-pool, on CPU: Eval
-    (_pair(nn.Conv2d(3, 8, 7, 2, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(3, 2, 1)),
-     torch.randn(2, 3, 32, 32), "policy_eval", "conv → relu→max_pool"),
+    pytest.param(_pair(nn.Conv2d(3, 8, 7, 2, 3), nn.BatchNorm2d(8), nn.ReLU(),
+                       nn.MaxPool2d(3, 2, 1)),
+                 torch.randn(2, 3, 32, 32), "policy_eval", "conv → relu→max_pool",
+                 id="stem-cpu"),
     # a U-Net encoder stage: the ReLU feeds the max-pool and the skip concat: Eval
-    (_UNetStage(), torch.randn(2, 3, 32, 32), "policy_eval", "conv → relu→max_pool"),
+    pytest.param(_UNetStage(), torch.randn(2, 3, 32, 32), "policy_eval",
+                 "conv → relu→max_pool", id="unet-stage-cpu"),
     # ReLU alone is fine
-    (_pair(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()),
-     torch.randn(2, 3, 32, 32), "tuned", "activation"),
+    pytest.param(_pair(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()),
+                 torch.randn(2, 3, 32, 32), "tuned", "activation", id="relu-tuned"),
 ])
 def test_auto_decisions(model, x, reason, detail):
     ((got_reason, got_detail),) = _decide(model, x)
@@ -110,3 +119,71 @@ def test_auto_never_keeps_more_than_no_pass_or_keep_weight():
             torch.compile(model, backend=backends.light(policy)), model, x)
     auto, plain, keep = saved("auto"), saved(None), saved("keep_weight")
     assert auto <= plain and auto <= keep
+
+
+# --- The policy's rules, without compiling ------------------------------------------------
+
+def _candidate(act: int | None = 100, weight: int | None = 10, device: str | None = "cpu",
+               follower: tuple[Follow, ...] = ()) -> Candidate:
+    """An acceptable candidate as match would describe it: only what decide() reads."""
+    return Candidate("conv", "bn", "conv2d", "batch_norm", None, "", weight_numel=weight,
+                     activation_numel=act, device=device, follower=follower)
+
+
+RELU6, STEM = (Follow.HARDTANH,), (Follow.RELU, Follow.MAX_POOL)
+
+
+@pytest.mark.parametrize("policy,candidate,ratio,action,detail", [
+    pytest.param("memory", _candidate(act=1, weight=10**6, follower=RELU6), 1.0, Action.TUNE,
+                 "policy 'memory'", id="memory-tunes-whatever"),
+    pytest.param("keep_weight", _candidate(act=1, weight=10**6), 1.0, Action.TUNE_KEEP_WEIGHT,
+                 "policy 'keep_weight'", id="keep_weight-tunes-whatever"),
+    pytest.param("auto", _candidate(follower=RELU6), 1.0, Action.SKIP,
+                 "on CPU, conv → hardtanh without a BatchNorm", id="auto-cpu-relu6"),
+    pytest.param("auto", _candidate(follower=STEM), 1.0, Action.SKIP,
+                 "on CPU, conv → relu→max_pool without a BatchNorm", id="auto-cpu-stem"),
+    pytest.param("auto", _candidate(device="cuda", follower=STEM), 1.0, Action.TUNE,
+                 "activation 100 >= weight 10", id="auto-cuda-stem-by-size"),
+    pytest.param("auto", _candidate(follower=(Follow.RELU,)), 1.0, Action.TUNE,
+                 "activation 100 >= weight 10", id="auto-cpu-relu-by-size"),
+    pytest.param("auto", _candidate(act=None), 1.0, Action.TUNE, "sizes unknown",
+                 id="auto-sizes-unknown"),
+    pytest.param("auto", _candidate(act=10, weight=10), 1.0, Action.TUNE,
+                 "activation 10 >= weight 10", id="auto-equal-sizes-tuned"),
+    pytest.param("auto", _candidate(act=9, weight=10), 1.0, Action.SKIP,
+                 "activation 9 < weight 10 elements; rebuilding W' would cost more",
+                 id="auto-weight-outweighs"),
+    pytest.param("auto", _candidate(act=100, weight=10), 16.0, Action.SKIP,
+                 "activation 100 < weight 10", id="auto-ratio16-eval"),
+    pytest.param("auto", _candidate(act=3, weight=10), 0.25, Action.TUNE,
+                 "activation 3 >= weight 10", id="auto-ratio0.25-tuned"),
+])
+def test_decide(policy, candidate, ratio, action, detail):
+    choice = policy_module.decide(candidate, policy, ratio)
+    assert choice.action is action and detail in choice.detail
+
+
+@pytest.mark.parametrize("call,message", [
+    pytest.param(lambda: policy_module.check_policy("fast"), "unknown policy 'fast'",
+                 id="policy"),
+    pytest.param(lambda: convbn_pass.ConvBNPass("auto", ratio=0), "ratio must be positive",
+                 id="ratio"),
+])
+def test_bad_policy_arguments(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_ratio_reaches_the_pass_and_its_cache_key():
+    """The ratio is an argument of the pass, not a global: two passes with other
+    ratios decide differently in one process, and key the cache apart."""
+    model = _pair(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
+    x = torch.randn(1, 8, 4, 4)  # activation 128, weight 576
+    assert _decide(model, x)[0][0] == "policy_eval"
+    torch._dynamo.reset()
+    seen = []
+    model = zoo.randomize_bn(model).eval()
+    torch.compile(model, backend=backends.light("auto", ratio=0.2, on_graph=seen.append))(x)
+    assert [d.reason for d in seen[0].decisions] == ["tuned"]
+    assert (convbn_pass.ConvBNPass("auto", ratio=0.2).uuid()
+            != convbn_pass.ConvBNPass("auto").uuid())

@@ -14,8 +14,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 import convbn_pass
 from convbn_pass import backends, zoo
-from convbn_pass.records import COUNTER
-from helpers import Step, block, errors, sample
+from helpers import Step, block, errors, sample, tuned
 
 
 class UserPass(CustomGraphPass):
@@ -39,10 +38,6 @@ def user_pass():
     inductor_config.pre_grad_custom_pass = saved
 
 
-def _tuned() -> int:
-    return torch._dynamo.utils.counters[COUNTER]["tuned"]
-
-
 def _compile_and_run(model: nn.Module, x: torch.Tensor, **kw) -> None:
     torch.compile(model, **kw)(x).sum().backward()
 
@@ -62,7 +57,7 @@ def test_user_pass_keeps_running_and_comes_back(user_pass):
     convbn_pass.enable(policy="memory")  # not wrapped twice
     assert inductor_config.pre_grad_custom_pass.before == (user_pass,)
     _compile_and_run(block("conv2d"), sample("conv2d"))
-    assert user_pass.calls == 1 and _tuned() == 1
+    assert user_pass.calls == 1 and tuned() == 1
     convbn_pass.disable()
     assert inductor_config.pre_grad_custom_pass is user_pass
 
@@ -72,7 +67,7 @@ def test_enabled_context_restores(user_pass):
         assert convbn_pass.is_enabled()
         _compile_and_run(block("conv2d"), sample("conv2d"))
     assert inductor_config.pre_grad_custom_pass is user_pass
-    assert _tuned() == 1
+    assert tuned() == 1
 
 
 def test_options_leave_global_config_alone(user_pass):
@@ -80,7 +75,7 @@ def test_options_leave_global_config_alone(user_pass):
     assert inductor_config.pre_grad_custom_pass is user_pass
     assert opts["pre_grad_custom_pass"].before == (user_pass,)
     _compile_and_run(block("conv2d"), sample("conv2d"), options=opts)
-    assert user_pass.calls == 1 and _tuned() == 1
+    assert user_pass.calls == 1 and tuned() == 1
 
 
 def test_uuid_keys_the_options():
@@ -123,7 +118,7 @@ def test_model_counts_and_matches_eager_through_inductor(caplog, tmp_path, monke
         got = Step(model, x, lambda m: torch.compile(
             m, options=convbn_pass.options("memory", fx_graph_cache=True)),
             dtype=torch.float64)
-    assert _tuned() == 12
+    assert tuned() == 12
     assert not [r for r in caplog.records if "uuid" in r.getMessage()]
     errs = errors(got, ref)
     assert max(errs.values()) <= 1e-10, errs

@@ -20,22 +20,23 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 
-from .inductor import ConvBNPass, disable, enable, enabled, is_enabled, options
-from .match import REASONS
-from .policy import POLICIES
-from .records import Decision, clear_decisions, decisions
+from .forms import norm_module_form
+from .inductor import ConvBNPass, GraphRewrite, disable, enable, enabled, is_enabled, options
+from .policy import AUTO_RATIO, POLICIES
+from .records import REASONS, Action, Decision, Reason, clear_decisions, decisions
 from .rewrite import run
 
 __all__ = [
     "apply", "enable", "disable", "enabled", "is_enabled", "options", "ConvBNPass",
-    "Decision", "decisions", "clear_decisions", "POLICIES", "REASONS",
+    "GraphRewrite", "Decision", "Action", "Reason", "decisions", "clear_decisions",
+    "POLICIES", "REASONS", "AUTO_RATIO",
 ]
 
 __version__ = "0.1.0"
 
 
 def apply(gm: fx.GraphModule, example_inputs: Sequence[Any] | None = None, *,
-          policy: str = "auto") -> list[Decision]:
+          policy: str = "auto", ratio: float = AUTO_RATIO) -> list[Decision]:
     """Rewrite ``gm`` in place (for example a ``torch.fx.symbolic_trace`` graph).
 
     ``example_inputs``, if given, are run through the graph first to record
@@ -51,7 +52,7 @@ def apply(gm: fx.GraphModule, example_inputs: Sequence[Any] | None = None, *,
     if example_inputs is not None:
         from torch.fx.passes.shape_prop import ShapeProp
         ShapeProp(gm).propagate(*example_inputs)
-    decided = run(gm.graph, policy)
+    decided = run(gm.graph, policy, ratio)
     gm.recompile()
     _guard_module_modes(gm, decided)
     return decided
@@ -60,7 +61,7 @@ def apply(gm: fx.GraphModule, example_inputs: Sequence[Any] | None = None, *,
 def _guard_module_modes(gm: fx.GraphModule, decided: list[Decision]) -> None:
     tuned = [d.bn for d in decided if d.tuned]
     modules = [m for m in (_get(gm, path) for path in tuned)
-               if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+               if m is not None and norm_module_form(m) is not None]
     if not modules:
         return
 

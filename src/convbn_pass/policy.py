@@ -6,7 +6,7 @@ conv input, which every choice keeps for the conv's own weight gradient):
 ============================  ===================  ==========================
 choice                        kept for backward    extra work per step
 ============================  ===================  ==========================
-Eval (no rewrite)             x, conv output       BatchNorm fwd+bwd over the
+skip (Eval mode, unchanged)   x, conv output       BatchNorm fwd+bwd over the
                                                    activation
 tune, recompute W′            x                    W′ built twice (weight-sized)
 tune, keep W′                 x, W′                W′ built once
@@ -20,18 +20,13 @@ element count with the weight's, both read from the graph's shapes.
 
 from __future__ import annotations
 
-import enum
 from typing import NamedTuple
 
+from .forms import Follow
 from .match import Candidate
+from .records import Action
 
-__all__ = ["Action", "Choice", "POLICIES", "decide", "check_policy"]
-
-
-class Action(str, enum.Enum):
-    TUNE = "tune"                    # rewrite, W′ rebuilt in backward
-    TUNE_KEEP_WEIGHT = "tune_keep_weight"  # rewrite, W′ saved for backward
-    EVAL = "eval"                    # leave the block as it is
+__all__ = ["Choice", "POLICIES", "AUTO_RATIO", "CPU_SLOW_FOLLOWERS", "decide", "check_policy"]
 
 
 class Choice(NamedTuple):
@@ -46,20 +41,23 @@ POLICIES: dict[str, str] = {
     "PyTorch pass does)",
 }
 
-# ``auto`` tunes a block when activation elements >= AUTO_RATIO * weight elements.
-# Single blocks on CPU break even at 0.15–0.3; whole models gave no clear winner
-# between 0.25 and 1 (benchmarks/NOTES.md, finding 7), and above 1 a tuned block
-# could keep more than the built-in pass's W′: 1 is the largest safe value.
+# ``auto`` tunes a block when activation elements >= ratio * weight elements; this is
+# the default ratio. Single blocks on CPU break even at 0.15–0.3; whole models gave
+# no clear winner between 0.25 and 1 (benchmarks/NOTES.md, finding 7), and above 1 a
+# tuned block could keep more than the built-in pass's W′: 1 is the largest safe value.
 AUTO_RATIO = 1.0
 
-# Activation patterns after which, on CPU, Inductor's code for conv → activation
-# without a BatchNorm in between is slower than Eval mode's fused BN kernels
-# (the activation's saved mask is written in the other memory layout): ReLU6
-# blocks measured 1.6–6× slower alone, the ResNet-18 stem 5–7% of the whole step,
-# a U-Net's encoder stages (ReLU → max-pool and skip concat) 1.172 → 1.011 of
-# compile (benchmarks/results/cpu, cpu-unet).
-# Deploy mode pays the same; the rewrite cannot avoid it. Not measured on GPUs.
-CPU_SLOW_FOLLOWERS = ("hardtanh", "relu→max_pool")
+# Ops after the block for which, on CPU, Inductor's code for conv → activation
+# without a BatchNorm in between is slower than Eval mode's fused BN kernels (the
+# activation's saved mask is written in the other memory layout): ReLU6 blocks
+# measured 1.6–6× slower alone, the ResNet-18 stem 5–7% of the whole step, a
+# U-Net's encoder stages (ReLU → max-pool and skip concat) 1.172 → 1.011 of
+# compile (benchmarks/results/cpu, cpu-unet). Deploy mode pays the same; the
+# rewrite cannot avoid it. Not measured on GPUs.
+CPU_SLOW_FOLLOWERS: tuple[tuple[Follow, ...], ...] = (
+    (Follow.HARDTANH,),
+    (Follow.RELU, Follow.MAX_POOL),
+)
 
 
 def check_policy(policy: str) -> str:
@@ -68,19 +66,27 @@ def check_policy(policy: str) -> str:
     return policy
 
 
-def decide(candidate: Candidate, policy: str) -> Choice:
-    """The choice for one acceptable candidate under ``policy``."""
+def check_ratio(ratio: float) -> float:
+    if not ratio > 0:
+        raise ValueError(f"the auto policy's ratio must be positive, not {ratio!r}")
+    return float(ratio)
+
+
+def decide(candidate: Candidate, policy: str, ratio: float = AUTO_RATIO) -> Choice:
+    """The choice for one acceptable candidate under ``policy`` (``ratio``: the
+    ``auto`` policy's activation-to-weight threshold)."""
     if policy == "memory":
         return Choice(Action.TUNE, "policy 'memory'")
     if policy == "keep_weight":
         return Choice(Action.TUNE_KEEP_WEIGHT, "policy 'keep_weight'")
     if candidate.device == "cpu" and candidate.follower in CPU_SLOW_FOLLOWERS:
-        return Choice(Action.EVAL, f"on CPU, conv → {candidate.follower} without a BatchNorm "
+        ops = "→".join(kind.value for kind in candidate.follower)
+        return Choice(Action.SKIP, f"on CPU, conv → {ops} without a BatchNorm "
                       "between compiles to slower code than Eval mode")
     act, weight = candidate.activation_numel, candidate.weight_numel
     if act is None or weight is None:
         return Choice(Action.TUNE, "sizes unknown: tuned, which never keeps more than Eval")
-    if act >= AUTO_RATIO * weight:
+    if act >= ratio * weight:
         return Choice(Action.TUNE, f"activation {act:,} >= weight {weight:,} elements")
-    return Choice(Action.EVAL, f"activation {act:,} < weight {weight:,} elements; "
+    return Choice(Action.SKIP, f"activation {act:,} < weight {weight:,} elements; "
                   "rebuilding W' would cost more than the BatchNorm it replaces")

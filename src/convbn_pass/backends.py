@@ -21,24 +21,31 @@ import torch.fx as fx
 from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
 from torch._dynamo.backends.common import aot_autograd
 
-from .rewrite import run
+from .inductor import ConvBNPass, GraphRewrite, copy_graph
+from .policy import AUTO_RATIO
+from .records import current_compile_id
 
 __all__ = ["light"]
 
-GraphHook = Callable[[str, fx.GraphModule], None]
+PartitionHook = Callable[[str, fx.GraphModule], None]
 
 
-def light(policy: str | None = "auto", on_graph: GraphHook | None = None) -> Callable[..., Any]:
+def light(policy: str | None = "auto", *, ratio: float = AUTO_RATIO,
+          on_graph: Callable[[GraphRewrite], None] | None = None,
+          on_partition: PartitionHook | None = None) -> Callable[..., Any]:
     """A backend applying the pass under ``policy`` (None: no pass).
 
-    ``on_graph(kind, gm)`` if given sees every graph: ``"pre"`` (Dynamo's graph
-    after the pass), ``"forward"`` and ``"backward"`` (the partitioned graphs).
+    ``on_graph`` receives every Dynamo graph as :class:`~convbn_pass.ConvBNPass`
+    gives it (without the pass: before and after are the same graph, with no
+    decisions); ``on_partition(kind, gm)`` sees the partitioned ``"forward"`` and
+    ``"backward"`` graphs.
     """
+    rewrite = None if policy is None else ConvBNPass(policy, ratio=ratio, on_graph=on_graph)
 
     def compiler(kind: str) -> Callable[..., Any]:
         def compile_graph(gm: fx.GraphModule, example_inputs: Any) -> Any:
-            if on_graph is not None:
-                on_graph(kind, gm)
+            if on_partition is not None:
+                on_partition(kind, gm)
             return make_boxed_func(gm.forward)
         return compile_graph
 
@@ -46,11 +53,11 @@ def light(policy: str | None = "auto", on_graph: GraphHook | None = None) -> Cal
                        partition_fn=min_cut_rematerialization_partition)
 
     def backend(gm: fx.GraphModule, example_inputs: Any) -> Any:
-        if policy is not None:
-            run(gm.graph, policy)
+        if rewrite is not None:
+            rewrite(gm.graph)
             gm.recompile()
-        if on_graph is not None:
-            on_graph("pre", gm)
+        elif on_graph is not None:
+            on_graph(GraphRewrite(copy_graph(gm.graph), gm.graph, (), *current_compile_id()))
         return aot(gm, example_inputs)
 
     return backend

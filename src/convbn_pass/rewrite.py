@@ -22,18 +22,19 @@ of saving it: the block then keeps only ``x`` for backward, as Deploy mode does.
 from __future__ import annotations
 
 import logging
+import operator
 from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy
 
 from . import tune
-from .match import REASONS, Candidate, TensorArg, find_candidates
-from .policy import Action, check_policy, decide
-from .records import Decision, current_compile_id, next_graph_id, record
+from .match import Candidate, TensorArg, find_candidates
+from .policy import AUTO_RATIO, check_policy, decide
+from .records import (Action, Decision, Reason, compile_label, current_compile_id,
+                      next_graph_id, record)
 
 __all__ = ["run", "rewrite_candidate"]
 
@@ -63,26 +64,16 @@ def _set_arg(node: fx.Node, params: tuple[str, ...], name: str, value: Any) -> N
 
 def _module_conv(graph: fx.Graph, cand: Candidate, weight: fx.Node,
                  bias: fx.Node | None) -> fx.Node:
-    """The functional call that replaces a conv/linear module node."""
+    """The functional call that replaces a conv/linear module node (its form's row
+    says how the module's attributes become arguments)."""
     conv = cand.conv
-    module, functional = conv.module, conv.functional
-    assert module is not None and functional is not None
+    assert conv is not None and conv.module is not None and conv.form.module_call is not None
+    call = conv.form.module_call(conv.module)
     x: Any = conv.input
-    if isinstance(module, nn.Linear):
-        return graph.call_function(functional, (x, weight, bias))
-    if isinstance(module, nn.modules.conv._ConvTransposeNd):
-        return graph.call_function(functional, (
-            x, weight, bias, module.stride, module.padding, module.output_padding,
-            module.groups, module.dilation))
-    assert isinstance(module, nn.modules.conv._ConvNd)
-    padding: Any = module.padding
-    if module.padding_mode != "zeros":
-        # nn.ConvNd pads explicitly first for reflect/replicate/circular modes.
-        x = graph.call_function(F.pad, (x, module._reversed_padding_repeated_twice),
-                                {"mode": module.padding_mode})
-        padding = (0,) * len(module.kernel_size)
-    return graph.call_function(functional, (
-        x, weight, bias, module.stride, padding, module.dilation, module.groups))
+    if call.pad is not None:
+        x = graph.call_function(F.pad, (x, call.pad), {"mode": call.pad_mode})
+    args = {"input": x, "weight": weight, "bias": bias, **call.args}
+    return graph.call_function(conv.form.functional, tuple(args[p] for p in conv.form.params))
 
 
 def _split_bias(cand: Candidate) -> bool:
@@ -93,8 +84,15 @@ def _split_bias(cand: Candidate) -> bool:
 def rewrite_candidate(graph: fx.Graph, cand: Candidate, action: Action) -> fx.Node:
     """Rewrite one accepted candidate in place; returns the node that now yields
     the block's output."""
-    assert cand.reject is None and action is not Action.EVAL
     conv, bn = cand.conv, cand.bn
+    assert cand.reject is None and action.tuned and conv is not None and bn is not None
+    created: list[fx.Node] = []
+
+    def call(fn: Any, *args: Any, **kwargs: Any) -> fx.Node:
+        node = graph.call_function(fn, args, kwargs)
+        created.append(node)
+        return node
+
     # Everything the conv and the BN read is defined before the BN node (symbolic
     # traces create a BN's get_attr nodes after the conv), so the new nodes go
     # just before the BN, and a functional conv moves down behind them: its only
@@ -103,23 +101,14 @@ def rewrite_candidate(graph: fx.Graph, cand: Candidate, action: Action) -> fx.No
         # Step (1): the parameters and statistics as nodes.
         w = _materialise(graph, conv.weight)
         b = _materialise(graph, conv.bias)
-        # Step (2): c, W′, b′ (tune.py holds the math).
-        if bn.kind == "affine":  # y·scale + shift: c = scale, b′ = b·c + shift
-            scale = graph.call_function(tune.channel_scale, (bn.scale,))
-            mean, beta = None, bn.shift
-        else:
-            mean = _materialise(graph, bn.running_mean)
-            var = _materialise(graph, bn.running_var)
-            gamma = _materialise(graph, bn.weight)
-            beta = _materialise(graph, bn.bias)
-            scale = graph.call_function(tune.bn_scale, (var, gamma, bn.eps))
+        tensors = {name: _materialise(graph, arg) for name, arg in bn.tensors.items()}
+        # Step (2): c, μ̂, β as the normalisation's row reads them; W′, b′ (tune.py).
+        scale, mean, beta = bn.form.terms(call, tensors, bn.eps)
         kwargs = {"transposed": True, "groups": conv.groups} if conv.transposed else {}
-        weight = graph.call_function(tune.scale_weight, (w, scale), kwargs)
-        if b is None and mean is None and beta is None:  # b′ = 0: the conv keeps no bias
-            bias, new_nodes = None, (scale, weight)
-        else:
-            bias = graph.call_function(tune.fuse_bias, (b, mean, scale, beta, w))
-            new_nodes = (scale, weight, bias)
+        weight = call(tune.scale_weight, w, scale, **kwargs)
+        # b′ = 0 when there is no term: the conv keeps no bias.
+        bias = None if b is None and mean is None and beta is None else call(
+            tune.fuse_bias, b, mean, scale, beta, w)
         # Step (3): the conv itself, now with W′ and b′. Under autocast a
         # half-precision conv would round b′ (and the gradient of b′, hence of β
         # and γ) to its dtype, where BatchNorm keeps them in float32: there b′ is
@@ -129,51 +118,54 @@ def rewrite_candidate(graph: fx.Graph, cand: Candidate, action: Action) -> fx.No
         conv_bias = None if split_bias else bias
         if conv.module is None:
             bn.last.prepend(conv.node)
-            _set_arg(conv.node, conv.params, "weight", weight)
-            _set_arg(conv.node, conv.params, "bias", conv_bias)
+            _set_arg(conv.node, conv.form.params, "weight", weight)
+            _set_arg(conv.node, conv.form.params, "bias", conv_bias)
             out = conv.node
         else:
             out = _module_conv(graph, cand, weight, conv_bias)
             out.meta.update(conv.node.meta)
         if split_bias:
-            axis = {"axis": -1} if conv.op == "linear" else {}
+            axis = {} if conv.form.channel_axis == 1 else {"axis": conv.form.channel_axis}
             out = graph.call_function(tune.add_channel_bias, (out, bias), axis)
             out.meta.update(conv.node.meta)
-    for node in new_nodes:
+    for node in created:
         node.meta["nn_module_stack"] = bn.node.meta.get("nn_module_stack", {})
         if action is Action.TUNE:
             node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
             node.meta["ac_graph_id"] = _AC_GRAPH_ID
     # Step (4): the BatchNorm's users read the conv; the BatchNorm goes.
     bn.last.replace_all_uses_with(out)
-    if bn.output is not None:
-        graph.erase_node(bn.output)
-    graph.erase_node(bn.node)
+    for node in (bn.output, bn.node):
+        if node is not None:
+            for dead in [u for u in node.users  # make_fx's unused getitems
+                         if u.target is operator.getitem and not u.users]:
+                graph.erase_node(dead)
+            graph.erase_node(node)
     if conv.node not in (out, *out.args):
         graph.erase_node(conv.node)
     return out
 
 
-def run(graph: fx.Graph, policy: str = "auto") -> list[Decision]:
+def run(graph: fx.Graph, policy: str = "auto", ratio: float = AUTO_RATIO) -> list[Decision]:
     """Find, decide and rewrite every candidate of ``graph``; record each decision."""
     check_policy(policy)
-    graph_id, compile_id = next_graph_id(), current_compile_id()
-    candidates = find_candidates(graph)
+    graph_id, label = next_graph_id(), compile_label(*current_compile_id())
     decisions: list[Decision] = []
-    for cand in candidates:
+    for cand in find_candidates(graph):
         if cand.reject is not None:
-            action, reason, detail = "skip", cand.reject, cand.detail
+            action, reason, detail = Action.SKIP, cand.reject, cand.detail
         else:
-            choice = decide(cand, policy)
-            if choice.action is Action.EVAL:
-                action, reason = "skip", "policy_eval"
-                detail = f"{REASONS['policy_eval']} ({choice.detail})"
+            choice = decide(cand, policy, ratio)
+            if choice.action is Action.SKIP:
+                reason = Reason.POLICY_EVAL
+                detail = f"{Reason.POLICY_EVAL.sentence} ({choice.detail})"
             else:
                 rewrite_candidate(graph, cand, choice.action)
-                action, reason, detail = choice.action.value, "tuned", choice.detail
+                reason, detail = Reason.TUNED, choice.detail
+            action = choice.action
         decision = Decision(graph_id, cand.conv_path, cand.bn_path, cand.op, action,
                             reason, detail, cand.weight_numel, cand.activation_numel,
-                            cand.norm, compile_id)
+                            cand.norm, label)
         record(decision)
         decisions.append(decision)
     if any(d.tuned for d in decisions):
@@ -181,4 +173,3 @@ def run(graph: fx.Graph, policy: str = "auto") -> list[Decision]:
     log.debug("convbn_pass graph %d: %d candidates, %d tuned\n%s", graph_id,
               len(decisions), sum(d.tuned for d in decisions), graph)
     return decisions
-

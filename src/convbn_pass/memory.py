@@ -19,6 +19,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from .step import backward
+
 __all__ = ["saved_activation_bytes", "SavedTensors"]
 
 
@@ -69,19 +71,5 @@ def saved_activation_bytes(fn: Callable[..., Any], model: torch.nn.Module,
                *(t for t in inputs if isinstance(t, torch.Tensor))]
     with SavedTensors(exclude) as saved:
         out = fn(*inputs)
-    _backward(out)
+    backward(out)
     return saved.bytes
-
-
-def _backward(out: Any) -> None:
-    tensors = [t for t in _flatten(out) if isinstance(t, torch.Tensor) and t.requires_grad]
-    if tensors:
-        torch.autograd.backward([t.float().sum() for t in tensors])
-
-
-def _flatten(out: Any) -> list[Any]:
-    if isinstance(out, (list, tuple)):
-        return [x for item in out for x in _flatten(item)]
-    if isinstance(out, dict):
-        return [x for item in out.values() for x in _flatten(item)]
-    return [out]

@@ -18,14 +18,17 @@ import torch.fx as fx
 import torch.nn as nn
 
 from . import tune
+from .forms import conv_module_form, norm_module_form
 from .match import find_candidates, module_path
 
 __all__ = ["fold", "pairs"]
 
 
 def pairs(model: nn.Module, *example_inputs: Any) -> list[tuple[str, str]]:
-    """``(conv path, bn path)`` of every pair the pass would accept, found in the
-    graph Dynamo captures for ``model(*example_inputs)``."""
+    """``(conv path, bn path)`` of every pair the pass would accept and that can be
+    folded, found in the graph Dynamo captures for ``model(*example_inputs)``: both
+    are modules that a row of ``forms.py`` reads (a frozen BN traced as an affine
+    has no module to fold), each called once."""
     graphs: list[fx.GraphModule] = []
 
     def capture(gm: fx.GraphModule, inputs: Any) -> Any:
@@ -39,11 +42,19 @@ def pairs(model: nn.Module, *example_inputs: Any) -> list[tuple[str, str]]:
         for node in gm.graph.nodes:
             if node.op in ("call_function", "call_module"):
                 calls[module_path(node)] += 1
-        # A frozen BN (per-channel affine) has no module form to fold from here.
         found += [(c.conv_path, c.bn_path) for c in find_candidates(gm.graph)
-                  if c.reject is None and c.norm == "batch_norm"]
+                  if c.reject is None]
     # A module called more than once cannot be folded for one call only.
-    return [(conv, bn) for conv, bn in found if calls[conv] == 1 and calls[bn] == 1]
+    return [(conv, bn) for conv, bn in found if calls[conv] == 1 and calls[bn] == 1
+            and _foldable(model, conv, bn)]
+
+
+def _foldable(model: nn.Module, conv_path: str, bn_path: str) -> bool:
+    try:
+        conv, bn = model.get_submodule(conv_path), model.get_submodule(bn_path)
+    except AttributeError:
+        return False
+    return conv_module_form(conv) is not None and norm_module_form(bn) is not None
 
 
 @torch.no_grad()
@@ -53,14 +64,15 @@ def fold(model: nn.Module, *example_inputs: Any) -> nn.Module:
     for conv_path, bn_path in pairs(folded, *example_inputs):
         conv = folded.get_submodule(conv_path)
         bn = folded.get_submodule(bn_path)
-        assert isinstance(bn, nn.modules.batchnorm._BatchNorm)
-        transposed = isinstance(conv, nn.modules.conv._ConvTransposeNd)
+        conv_row, norm_row = conv_module_form(conv), norm_module_form(bn)
+        assert conv_row is not None and norm_row is not None
+        tensors = {name: getattr(bn, name) for name in norm_row.tensors}
+        scale, mean, shift = norm_row.terms(lambda fn, *args: fn(*args), tensors, bn.eps)
         groups = getattr(conv, "groups", 1)
-        scale = tune.bn_scale(bn.running_var, bn.weight, bn.eps)
         new = copy.deepcopy(conv)
-        new.weight = nn.Parameter(tune.scale_weight(conv.weight, scale, transposed, groups))
-        new.bias = nn.Parameter(tune.fuse_bias(conv.bias, bn.running_mean, scale, bn.bias,
-                                               conv.weight))
+        new.weight = nn.Parameter(tune.scale_weight(conv.weight, scale, conv_row.transposed,
+                                                    groups))
+        new.bias = nn.Parameter(tune.fuse_bias(conv.bias, mean, scale, shift, conv.weight))
         _set_submodule(folded, conv_path, new)
         _set_submodule(folded, bn_path, nn.Identity())
     return folded

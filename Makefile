@@ -1,0 +1,24 @@
+# Two commands on a fresh machine, each setting up what it needs first (torch's CPU
+# build where no torch is installed; an installed torch is used as it is):
+#
+#   make demo    the main job: fine-tune a built-in ResNet with frozen BatchNorm,
+#                compiled without and with the pass, and compare
+#   make test    the test suite, as CI runs it
+#
+# PYTHON=... picks the interpreter (default python3); TORCH_INSTALL=... what to install
+# where torch is missing (default torch==2.13.0, the CPU build on this project's machines;
+# elsewhere e.g. TORCH_INSTALL="torch --index-url https://download.pytorch.org/whl/cpu").
+
+PYTHON ?= python3
+PYTEST_ARGS ?=
+export PYTHON
+
+.PHONY: demo test
+
+demo:
+	@scripts/ensure-deps examples
+	$(PYTHON) examples/finetune.py
+
+test:
+	@scripts/ensure-deps test,bench,examples
+	$(PYTHON) -m pytest -q $(PYTEST_ARGS)

@@ -1,0 +1,54 @@
+"""What differs between the torch versions the package runs on, in one place.
+
+Verified on torch 2.13 (CPU build) and 2.14.1; each function says which API it
+stands in for. Everything else the package uses is the same on both.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch._inductor import custom_graph_pass
+
+__all__ = ["custom_graph_passes", "inductor_backend", "on_compile", "TORCH_VERSION",
+           "OLDEST_VERIFIED"]
+
+TORCH_VERSION: tuple[int, int] = tuple(  # type: ignore[assignment]
+    int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+# The oldest torch the test suite has passed on (pyproject.toml requires it).
+OLDEST_VERIFIED = (2, 13)
+
+
+def custom_graph_passes(value: Any) -> list[Any]:
+    """The passes in an Inductor ``*_custom_pass`` setting, as a list: None, one
+    pass or a list of them. ``torch._inductor.custom_graph_pass.get_custom_graph_passes``
+    where torch has it."""
+    getter = getattr(custom_graph_pass, "get_custom_graph_passes", None)
+    if getter is not None:
+        return list(getter(value))
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def inductor_backend(options: dict[str, Any], dynamic: bool | None) -> Callable[..., Any]:
+    """The backend ``torch.compile(model, options=options, dynamic=dynamic)`` builds
+    (Inductor with these options), as a callable that a wrapping backend can call."""
+    return torch._TorchCompileInductorWrapper(None, options, dynamic)
+
+
+def on_compile(start: Callable[[], None], end: Callable[[], None]) -> bool:
+    """Call ``start`` and ``end`` around every Dynamo compile of the process
+    (``torch._dynamo.callback.callback_handler``), unless they are registered
+    already (``torch._dynamo.reset()`` forgets them); False where torch has no such
+    hook."""
+    try:
+        from torch._dynamo.callback import callback_handler
+    except ImportError:
+        return False
+    if start not in callback_handler.start_callbacks:
+        callback_handler.register_start_callback(start)
+    if end not in callback_handler.end_callbacks:
+        callback_handler.register_end_callback(end)
+    return True

@@ -1,0 +1,232 @@
+"""Registration with Inductor: a ``CustomGraphPass`` in ``pre_grad_custom_pass``.
+
+Two ways in:
+
+- ``enable()`` / ``disable()`` / ``with enabled():`` set Inductor's global
+  ``pre_grad_custom_pass`` (composed with any pass already there);
+- ``torch.compile(model, options=options())`` carries the pass in that one
+  compile's options: no global state, and its graphs are cached apart.
+
+The pass's ``uuid()`` hashes this package's sources and the options, so
+Inductor's FX graph cache is keyed correctly and never reuses a graph compiled
+under other options.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import pathlib
+import warnings
+from typing import Any, Callable, Iterator, NamedTuple
+
+import torch.fx as fx
+from torch._dynamo.utils import counters
+from torch._inductor import config as inductor_config
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+from . import compat
+from .compat import custom_graph_passes
+from .policy import AUTO_RATIO, check_policy, check_ratio
+from .records import COUNTER, Decision, current_compile_id
+from .rewrite import run
+
+__all__ = ["ConvBNPass", "GraphRewrite", "enable", "disable", "enabled", "options",
+           "is_enabled"]
+
+
+def _source_hash() -> str:
+    """Every Python source of this package, so that no module escapes the cache key."""
+    here = pathlib.Path(__file__).parent
+    hasher = hashlib.sha256()
+    for path in sorted(here.glob("*.py")):
+        hasher.update(path.name.encode())
+        hasher.update(path.read_bytes())
+    return hasher.hexdigest()
+
+
+_SOURCE_HASH = _source_hash()
+
+
+class GraphRewrite(NamedTuple):
+    """One graph the pass ran on, as ``on_graph`` receives it."""
+
+    before: fx.Graph       # a copy of the graph as the pass got it (after the ``before`` passes)
+    after: fx.Graph        # the graph itself, rewritten
+    decisions: tuple[Decision, ...]  # one per candidate pair, graph order
+    compile_id: str | None  # Dynamo's "frame/compile" id ("0/0"), None outside Dynamo
+    attempt: int           # Dynamo restarts a compile with attempt + 1
+
+
+class ConvBNPass(CustomGraphPass):
+    """The Tune-mode rewrite as an Inductor pre-grad pass.
+
+    ``policy`` and ``ratio`` (the ``auto`` policy's activation-to-weight threshold)
+    decide each block; ``before`` are passes that run first on each graph (what the
+    user had installed in ``pre_grad_custom_pass`` when this pass was made);
+    ``on_graph``, if given, receives a :class:`GraphRewrite` for every graph the pass
+    runs on: the way for a tool to see one compile's graphs and decisions.
+    """
+
+    def __init__(self, policy: str = "auto", *, ratio: float = AUTO_RATIO,
+                 on_graph: Callable[[GraphRewrite], None] | None = None,
+                 before: tuple[Any, ...] = ()) -> None:
+        self.policy = check_policy(policy)
+        self.ratio = check_ratio(ratio)
+        self.on_graph = on_graph
+        self.before = tuple(before)
+
+    def __call__(self, graph: fx.Graph) -> None:
+        _cache_watch.runs += 1
+        for user_pass in self.before:
+            user_pass(graph)
+        before = copy_graph(graph) if self.on_graph is not None else None
+        decided = run(graph, self.policy, self.ratio)
+        if self.on_graph is not None:
+            assert before is not None
+            self.on_graph(GraphRewrite(before, graph, tuple(decided), *current_compile_id()))
+
+    def uuid(self) -> Any:
+        # Inductor asks for the key only where a cache may serve the compile.
+        _cache_watch.lookups += 1
+        _cache_watch.install()
+        befores = []
+        for user_pass in self.before:
+            uuid = user_pass.uuid() if isinstance(user_pass, CustomGraphPass) else None
+            if uuid is None:
+                return None  # an uncacheable user pass makes the whole chain uncacheable
+            befores.append(uuid)
+        return ("convbn_pass", _SOURCE_HASH, self.policy, self.ratio, tuple(befores))
+
+    def __repr__(self) -> str:
+        return f"ConvBNPass(policy={self.policy!r}, ratio={self.ratio!r}, before={self.before!r})"
+
+
+class _CacheWatch:
+    """Says so when a compile that carries the pass is served from AOTAutograd's or
+    Inductor's FX graph cache: the cached code is the rewritten one, but the pass
+    does not run, so no decision is recorded. Counted as
+    ``counters["convbn_pass"]["served_from_cache"]`` and warned about once.
+
+    Inductor asks a pass for its ``uuid()`` only to key a cache, and runs the pass
+    in the same compile unless a cache serves it: a Dynamo compile in which
+    ``uuid()`` was asked for and the pass never ran was served from a cache."""
+
+    def __init__(self) -> None:
+        self.lookups = self.runs = 0
+        self.warned = False
+        self._at_start = (0, 0)
+
+    def install(self) -> None:
+        compat.on_compile(self.start, self.end)
+
+    def start(self, *args: Any) -> None:
+        self._at_start = (self.lookups, self.runs)
+
+    def end(self, *args: Any) -> None:
+        lookups, runs = self._at_start
+        if self.lookups > lookups and self.runs == runs:
+            counters[COUNTER]["served_from_cache"] += 1
+            if not self.warned:
+                self.warned = True
+                warnings.warn(
+                    "convbn_pass: a compile was served from Inductor's cache (AOTAutograd or "
+                    "FX graph cache): its code is the rewritten one from an earlier run, but "
+                    "the pass did not run now, so convbn_pass.decisions() and "
+                    "counters['convbn_pass'] do not list its blocks (counted as "
+                    "'served_from_cache'). Compile with fx_graph_cache=False in the options "
+                    "(and torch._functorch.config.enable_autograd_cache=False) to see them.",
+                    stacklevel=1)
+
+
+_cache_watch = _CacheWatch()
+
+
+def copy_graph(graph: fx.Graph) -> fx.Graph:
+    """A copy of ``graph`` (nodes and their metadata), owned by no module."""
+    copied = fx.Graph()
+    output = copied.graph_copy(graph, {})
+    copied.output(output)
+    return copied
+
+
+# Dynamo's graph count when the pass was last switched off (or at import).
+_graphs_when_off = 0
+
+
+def user_passes() -> tuple[Any, ...]:
+    """The passes in Inductor's pre_grad_custom_pass that are not ours, in order
+    (ours may sit there alone, or in a list the user extended)."""
+    passes: list[Any] = []
+    for p in custom_graph_passes(inductor_config.pre_grad_custom_pass):
+        passes.extend(p.before if isinstance(p, ConvBNPass) else (p,))
+    return tuple(passes)
+
+
+def _ours_installed() -> bool:
+    return any(isinstance(p, ConvBNPass)
+               for p in custom_graph_passes(inductor_config.pre_grad_custom_pass))
+
+
+def _graphs_compiled() -> int:
+    return int(counters["stats"]["unique_graphs"])
+
+
+def is_enabled() -> bool:
+    """Whether the global ``pre_grad_custom_pass`` currently runs this pass."""
+    return _ours_installed()
+
+
+def enable(policy: str = "auto", *, ratio: float = AUTO_RATIO) -> None:
+    """Run the pass in every later ``torch.compile`` (Inductor backend) of this process.
+
+    Passes the user installed in ``pre_grad_custom_pass`` (before or after an
+    earlier ``enable()``) keep running, in their order, before this one, and come
+    back on :func:`disable`. Enabling again changes only the options.
+    """
+    new = ConvBNPass(policy, ratio=ratio, before=user_passes())
+    stale = _graphs_compiled() - _graphs_when_off
+    if not is_enabled() and stale > 0:
+        warnings.warn(
+            f"convbn_pass.enable(): {stale} graph(s) were already compiled in this "
+            "process without the pass, and Dynamo reuses a compiled graph for every new "
+            "instance of the same model class, so the pass may not run on it. Compile "
+            "with torch.compile(model, options=convbn_pass.options()) instead, or call "
+            "torch._dynamo.reset() before compiling.",
+            stacklevel=2,
+        )
+    inductor_config.pre_grad_custom_pass = new
+
+
+def disable() -> None:
+    """Stop running the pass; restore the user's own pre-grad pass, if any."""
+    global _graphs_when_off
+    if _ours_installed():
+        before = user_passes()
+        inductor_config.pre_grad_custom_pass = (
+            None if not before else before[0] if len(before) == 1 else list(before))
+    _graphs_when_off = _graphs_compiled()
+
+
+@contextlib.contextmanager
+def enabled(policy: str = "auto", *, ratio: float = AUTO_RATIO) -> Iterator[None]:
+    """``with enabled(): model = torch.compile(model); model(x)`` (compile *and* the
+    first call, which is when Dynamo compiles, must be inside)."""
+    global _graphs_when_off
+    saved = (inductor_config.pre_grad_custom_pass, _graphs_when_off)
+    enable(policy, ratio=ratio)
+    try:
+        yield
+    finally:
+        inductor_config.pre_grad_custom_pass, _graphs_when_off = saved
+
+
+def options(policy: str = "auto", *, ratio: float = AUTO_RATIO,
+            on_graph: Callable[[GraphRewrite], None] | None = None,
+            **extra: Any) -> dict[str, Any]:
+    """Options for ``torch.compile(model, options=...)`` that run the pass in that
+    compile only. ``extra`` are further Inductor options, merged in; ``ratio`` and
+    ``on_graph`` as for :class:`ConvBNPass`."""
+    chosen = ConvBNPass(policy, ratio=ratio, on_graph=on_graph, before=user_passes())
+    return {"pre_grad_custom_pass": chosen, **extra}
+

@@ -1,0 +1,61 @@
+"""The version-dependent pieces in convbn_pass.compat, on the torch this suite runs on
+(CI runs it on 2.13 and 2.14.1)."""
+
+from __future__ import annotations
+
+import torch
+from torch._dynamo.callback import callback_handler
+
+import convbn_pass
+from convbn_pass import compat
+from helpers import block, counts, sample
+
+
+class _Pass:
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        pass
+
+
+def test_custom_graph_passes_reads_every_shape_of_the_setting():
+    one, two = _Pass(), _Pass()
+    assert compat.custom_graph_passes(None) == []
+    assert compat.custom_graph_passes(one) == [one]
+    assert compat.custom_graph_passes([one, two]) == [one, two]
+
+
+def test_inductor_backend_is_what_torch_compile_options_builds():
+    """The wrapped backend runs Inductor with the options given: the pass in them runs."""
+    model = block("conv2d").eval()
+    backend = compat.inductor_backend(convbn_pass.options("memory", fx_graph_cache=False),
+                                      dynamic=False)
+    torch.compile(model, backend=backend)(sample("conv2d")).sum().backward()
+    assert counts() == {"tuned": 1}
+
+
+def test_on_compile_registers_once_and_again_after_a_reset():
+    calls: list[str] = []
+
+    def start(*args):
+        calls.append("start")
+
+    def end(*args):
+        calls.append("end")
+    try:
+        assert compat.on_compile(start, end) and compat.on_compile(start, end)
+        assert callback_handler.start_callbacks.count(start) == 1
+        torch.compile(block("conv2d").eval(), backend="eager")(sample("conv2d"))
+        assert calls == ["start", "end"]
+        torch._dynamo.reset()  # forgets every callback
+        assert start not in callback_handler.start_callbacks
+        assert compat.on_compile(start, end) and start in callback_handler.start_callbacks
+    finally:
+        if start in callback_handler.start_callbacks:
+            callback_handler.remove_start_callback(start)
+        if end in callback_handler.end_callbacks:
+            callback_handler.remove_end_callback(end)
+
+
+def test_torch_version_is_the_installed_one():
+    major, minor = compat.TORCH_VERSION
+    assert torch.__version__.startswith(f"{major}.{minor}")
+    assert (major, minor) >= compat.OLDEST_VERIFIED

@@ -1,0 +1,23 @@
+"""The package imports from an editable install whatever the current folder holds:
+a clone named ``convbn_pass`` in it would otherwise shadow the package as an empty
+namespace package (``AttributeError: module 'convbn_pass' has no attribute 'options'``)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import convbn_pass
+
+
+def test_a_folder_named_like_the_package_does_not_shadow_it(tmp_path: Path) -> None:
+    (tmp_path / "convbn_pass").mkdir()  # as a clone of this repository would be
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [sys.executable, "-c", "import convbn_pass; print(convbn_pass.__file__, "
+         "callable(convbn_pass.options))"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [convbn_pass.__file__, "True"], proc.stdout

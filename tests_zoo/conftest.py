@@ -3,8 +3,9 @@
 Run with ``python -m pytest tests_zoo -q`` in an environment where torchvision
 and timm import (``.ci/zoo`` builds one). Where either does not import, every
 test here is skipped with that reason. Each test starts with fresh Dynamo
-state, no recorded decisions and Inductor's FX graph cache off, so the pass runs
-on every compile and its records are exact.
+state, and Inductor's FX graph cache and AOTAutograd's cache are off, so the
+pass runs on every compile and hands every graph to its ``on_graph`` callback
+(a compile served from a cache would run no pass and report nothing).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import pathlib
 
 import pytest
 import torch
+from torch._functorch import config as functorch_config
 
 import convbn_pass
 
@@ -57,6 +59,7 @@ def _fresh_state():
     torch._dynamo.reset()
     convbn_pass.clear_decisions()
     with torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=4096), \
-            torch._inductor.config.patch(fx_graph_cache=False, autotune_local_cache=False):
+            torch._inductor.config.patch(fx_graph_cache=False, autotune_local_cache=False), \
+            functorch_config.patch(enable_autograd_cache=False):
         yield
     torch._dynamo.reset()

@@ -139,12 +139,21 @@ class Float32Run:
         return [n for n, s in self.sensitivity.items() if s <= SENSITIVITY_LIMIT]
 
 
-def _inductor_step(model: torch.nn.Module, x: torch.Tensor, policy: str | None) -> Step:
+def _inductor_step(model: torch.nn.Module, x: torch.Tensor, policy: str | None
+                   ) -> tuple[Step, int]:
+    """One step through Inductor with the pass under ``policy`` (None: without it)
+    in this compile's options, and the pairs the pass tuned in the graphs Dynamo
+    kept, as its ``on_graph`` callback reports them."""
     torch._dynamo.reset()
+    rewrites: list[convbn_pass.GraphRewrite] = []
     options = ({"fx_graph_cache": False} if policy is None
-               else convbn_pass.options(policy, fx_graph_cache=False))
+               else convbn_pass.options(policy, on_graph=rewrites.append, fx_graph_cache=False))
     model = copy.deepcopy(model)
-    return zoo_models.train_step(torch.compile(model, options=options), model, x)
+    step = zoo_models.train_step(torch.compile(model, options=options), model, x)
+    kept = zoo_models.kept_graphs((r.compile_id, r.attempt) for r in rewrites)
+    tuned = sum(d.tuned for r in rewrites if (r.compile_id, r.attempt) in kept
+                for d in r.decisions)
+    return step, tuned
 
 
 def _measure(case: Case, policies: tuple[str, ...]) -> Float32Run:
@@ -158,9 +167,8 @@ def _measure(case: Case, policies: tuple[str, ...]) -> Float32Run:
     errors: dict[str | None, dict[str, float]] = {}
     tuned: dict[str | None, int] = {}
     for policy in (None, *policies):
-        convbn_pass.clear_decisions()
-        errors[policy] = gradient_errors(_inductor_step(model32, x32, policy), ref)
-        tuned[policy] = sum(d.tuned for d in convbn_pass.decisions())
+        step, tuned[policy] = _inductor_step(model32, x32, policy)
+        errors[policy] = gradient_errors(step, ref)
     return Float32Run(model32, seed, x32, ref, sens, eager, errors, tuned)
 
 

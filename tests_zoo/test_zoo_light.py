@@ -23,6 +23,7 @@ import collections
 
 import pytest
 
+from convbn_pass import REASONS, Reason
 from tests_zoo import zoo_models
 from tests_zoo.zoo_models import Case, ZooRun
 
@@ -123,9 +124,11 @@ def test_activation_bytes_ordered(case: Case) -> None:
 def test_skip_reasons_expected(case: Case) -> None:
     """Under ``memory`` the reasons recorded are exactly those the model's entry
     expects (each with why); ``auto`` adds ``policy_eval`` alone."""
+    unknown = set(case.skips) - set(REASONS)
+    assert not unknown, f"the entry expects reasons the pass does not have: {unknown}"
     runs = zoo_run(case).runs
     assert set(runs["memory"].skips) == set(case.skips), dict(runs["memory"].skips)
-    assert set(runs["auto"].skips) - {"policy_eval"} == set(case.skips), \
+    assert set(runs["auto"].skips) - {str(Reason.POLICY_EVAL)} == set(case.skips), \
         dict(runs["auto"].skips)
 
 
@@ -138,7 +141,8 @@ def test_auto_follows_its_rule(case: Case) -> None:
     run = zoo_run(case).runs["auto"]
     by_key: dict[tuple[str, str], list[str]] = collections.defaultdict(list)
     for d in run.decisions:
-        by_key[(d.conv, d.bn)].append("eval" if d.reason == "policy_eval" else d.action)
+        by_key[(d.conv, d.bn)].append("eval" if d.reason is Reason.POLICY_EVAL
+                                      else str(d.action))
     wrong = []
     for pair in run.eligible:
         expect = ("eval" if pair.activation_numel < pair.weight_numel

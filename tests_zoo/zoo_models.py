@@ -10,9 +10,10 @@ put in eval mode and cast to float64. :func:`measure` then runs one
 forward/backward step eagerly (the reference) and through
 ``convbn_pass.backends.light`` without the pass and under the ``auto`` and
 ``memory`` policies, and records what the checks need: errors on one scale per
-model, the pass's decisions, the pairs counted independently of the pass in the
-same Dynamo graphs (:func:`eligible_pairs`), the pairs seen eagerly
-(:func:`eager_pairs`) and the activation bytes each run keeps for backward.
+model, the pass's decisions (as its ``on_graph`` callback hands them over), the
+pairs counted independently of the pass in the same Dynamo graphs
+(:func:`eligible_pairs`), the pairs seen eagerly (:func:`eager_pairs`) and the
+activation bytes each run keeps for backward.
 
 torchvision and timm are imported inside the builders only, so this module
 imports (and the zoo tests are collected, then skipped) where they do not.
@@ -36,12 +37,12 @@ import torch.nn.functional as F
 import convbn_pass
 import convbn_pass.backends
 import convbn_pass.memory
-from convbn_pass import Decision
+from convbn_pass import Decision, GraphRewrite
 
 __all__ = [
     "Case", "CASES", "CASE_IDS", "Errors", "Pair", "PolicyRun", "Step", "ZooRun",
     "randomize_norms", "freeze_batchnorm", "eligible_pairs", "eager_pairs",
-    "train_step", "scaled_errors", "measure", "build", "sample",
+    "train_step", "scaled_errors", "measure", "build", "sample", "kept_graphs",
 ]
 
 # The policies measured on every model, None standing for the light backend without the pass.
@@ -640,33 +641,38 @@ def scaled_errors(got: Step, ref: Step) -> Errors:
 # Measuring one model.
 # ---------------------------------------------------------------------------
 
+GraphKey = tuple[str | None, int]   # Dynamo's (compile id, attempt); (None, 0) outside Dynamo
+
+
+def _graph_key() -> GraphKey:
+    """The compile in progress, read from Dynamo (not from the pass)."""
+    from torch._guards import CompileContext
+    trace = CompileContext.current_trace_id()
+    return (None, 0) if trace is None else (str(trace.compile_id), int(trace.attempt))
+
+
 class _Recorder:
-    """A light backend that first counts the eligible pairs of each graph it gets
-    (before the pass sees it), with Dynamo's compile id of each."""
+    """A light backend under ``policy`` that first counts the eligible pairs of
+    each graph it gets, before the pass sees it, and collects what the pass hands
+    its ``on_graph`` callback (the graph's decisions) for the same graph."""
 
     def __init__(self, policy: str | None) -> None:
-        self.inner = convbn_pass.backends.light(policy)
-        self.graphs: list[tuple[str | None, list[Pair]]] = []
+        self.rewrites: list[GraphRewrite] = []
+        self.inner = convbn_pass.backends.light(policy, on_graph=self.rewrites.append)
+        self.graphs: list[tuple[GraphKey, list[Pair]]] = []
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Any) -> Any:
-        from torch._guards import CompileContext
-        trace = CompileContext.current_trace_id()
-        self.graphs.append((None if trace is None else str(trace), eligible_pairs(gm)))
+        self.graphs.append((_graph_key(), eligible_pairs(gm)))
         return self.inner(gm, example_inputs)
 
 
-def _kept(compile_ids: Iterable[str | None]) -> set[str | None]:
-    """The compile ids Dynamo kept: a restarted compile ("0/0" → "0/0_1") drops
-    its earlier attempts."""
-    latest: dict[str, tuple[int, str | None]] = {}
-    for cid in compile_ids:
-        if cid is None:
-            continue
-        base, _, attempt = cid.partition("_")
-        number = int(attempt) if attempt.isdigit() else 0
-        if base not in latest or number >= latest[base][0]:
-            latest[base] = (number, cid)
-    return {cid for _, cid in latest.values()} | {None}
+def kept_graphs(keys: Iterable[GraphKey]) -> set[GraphKey]:
+    """The graphs Dynamo kept: a restarted compile (attempt 1 after 0) drops its
+    earlier attempts."""
+    latest: dict[str | None, int] = {}
+    for compile_id, attempt in keys:
+        latest[compile_id] = max(latest.get(compile_id, 0), attempt)
+    return set(latest.items())
 
 
 @dataclasses.dataclass
@@ -676,7 +682,7 @@ class PolicyRun:
     policy: str | None
     errors: Errors
     saved_bytes: int                    # activations kept for backward
-    decisions: list[Decision]           # the pass's records, graphs Dynamo kept
+    decisions: list[Decision]           # from the pass's on_graph callback, graphs Dynamo kept
     eligible: list[Pair]                # counted independently, same graphs
     graphs: int                         # graphs Dynamo compiled
     seconds: float
@@ -687,7 +693,8 @@ class PolicyRun:
 
     @property
     def skips(self) -> collections.Counter[str]:
-        return collections.Counter(d.reason for d in self.decisions if not d.tuned)
+        """Reasons of the pairs left alone (their stable strings), with counts."""
+        return collections.Counter(str(d.reason) for d in self.decisions if not d.tuned)
 
 
 @dataclasses.dataclass
@@ -702,17 +709,20 @@ def _run_policy(policy: str | None, model: nn.Module, x: torch.Tensor,
                 ref: Step) -> PolicyRun:
     start = time.perf_counter()
     torch._dynamo.reset()
-    convbn_pass.clear_decisions()
     model = copy.deepcopy(model)
     recorder = _Recorder(policy)
     fn = torch.compile(model, backend=recorder)
     step = train_step(fn, model, x)
     model.zero_grad(set_to_none=True)
     saved = convbn_pass.memory.saved_activation_bytes(fn, model, x.detach().requires_grad_(True))
-    kept = _kept(cid for cid, _ in recorder.graphs)
-    decisions = [d for d in convbn_pass.decisions() if d.compile_id in kept]
-    eligible = [p for cid, pairs in recorder.graphs if cid in kept for p in pairs]
-    graphs = sum(cid in kept for cid, _ in recorder.graphs)
+    seen = [key for key, _ in recorder.graphs]
+    handed = [(r.compile_id, r.attempt) for r in recorder.rewrites]
+    assert handed == seen, f"on_graph saw graphs {handed}, the backend {seen}"
+    kept = kept_graphs(seen)
+    decisions = [d for r in recorder.rewrites if (r.compile_id, r.attempt) in kept
+                 for d in r.decisions]
+    eligible = [p for key, pairs in recorder.graphs if key in kept for p in pairs]
+    graphs = sum(key in kept for key in seen)
     return PolicyRun(policy, scaled_errors(step, ref), saved, decisions, eligible, graphs,
                      time.perf_counter() - start)
 

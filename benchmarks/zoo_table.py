@@ -17,27 +17,32 @@ without the pass and under ``auto`` and ``memory``. Columns:
 - bytes none / auto / memory: activation bytes kept for backward (light backend);
 - worst error: the larger of output and gradient error against eager float64,
   over both policies, on the model's own scale (largest output / gradient entry);
-- skips: reasons recorded under ``memory`` (and ``auto``'s policy_eval count);
+- skips memory / auto: pairs left alone under each policy, by reason (the
+  pass's stable reason strings, ``convbn_pass.REASONS``);
 - seconds: the whole measurement (three compiles and five steps).
 
-Writes ``results.md``, ``results.csv`` and ``command.txt`` to ``--out``
-(default ``benchmarks/results/zoo``). Progress goes to stderr.
+Writes ``results.json`` (one record per model, and the versions),
+``results.md`` and ``command.txt`` (the command as run) to ``--out`` (default
+``benchmarks/results/zoo``), rewritten after every model, so an interrupted run
+keeps what it measured. Progress goes to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
+import json
+import os
 import pathlib
 import platform
 import shlex
 import sys
 import traceback
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
+from convbn_pass.models import one_line
 from tests_zoo import zoo_models
 
 __all__ = ["main", "Row"]
@@ -58,14 +63,14 @@ class Row:
     bytes_auto: int = 0
     bytes_memory: int = 0
     worst_error: float = 0.0
-    skips_memory: str = ""
-    policy_eval_auto: int = 0
+    skips_memory: dict[str, int] = dataclasses.field(default_factory=dict)  # reason: pairs
+    skips_auto: dict[str, int] = dataclasses.field(default_factory=dict)
     seconds: float = 0.0
     error: str = ""           # a crash, in one line
 
 
 def _skips(counter: dict[str, int]) -> str:
-    return ", ".join(f"{key} {n}" for key, n in sorted(counter.items()))
+    return ", ".join(f"{key} {n}" for key, n in sorted(counter.items())) or "-"
 
 
 def measure_row(case: zoo_models.Case) -> Row:
@@ -74,7 +79,7 @@ def measure_row(case: zoo_models.Case) -> Row:
     try:
         zoo = zoo_models.measure(case)
     except Exception as exc:  # a crash is a result of the table
-        row.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        row.error = one_line(exc)
         traceback.print_exc(file=sys.stderr)
         return row
     none, auto, memory = (zoo.runs[p] for p in (None, "auto", "memory"))
@@ -84,8 +89,8 @@ def measure_row(case: zoo_models.Case) -> Row:
     row.bytes_none, row.bytes_auto, row.bytes_memory = (
         none.saved_bytes, auto.saved_bytes, memory.saved_bytes)
     row.worst_error = max(max(r.errors.output, r.errors.gradient) for r in (auto, memory))
-    row.skips_memory = _skips(memory.skips)
-    row.policy_eval_auto = auto.skips.get("policy_eval", 0)
+    row.skips_memory = dict(sorted(memory.skips.items()))
+    row.skips_auto = dict(sorted(auto.skips.items()))
     row.seconds = zoo.seconds
     return row
 
@@ -94,11 +99,22 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.2f}"
 
 
+HEADER = ("Light backend (the pass, then AOTAutograd, no code generation), float64, random "
+          "weights and BatchNorm statistics, eval mode. pairs: conv → BN pairs counted without "
+          "the pass in Dynamo's graphs; MB: activation bytes (10^6) kept for backward without "
+          "the pass / under auto / under memory; worst error: outputs and every gradient "
+          "against eager float64, relative to the model's largest output or gradient entry, "
+          "over both policies; skips: pairs left in Eval mode, by reason; s: the whole "
+          "measurement of the model.")
+
+
 def markdown(rows: Sequence[Row]) -> str:
     lines = [
+        HEADER,
+        "",
         "| model | exercises | input | pairs | tuned auto | tuned memory | "
-        "MB none / auto / memory | worst error | skips (memory) | auto policy_eval | s |",
-        "|---|---|---|---:|---:|---:|---|---:|---|---:|---:|",
+        "MB none / auto / memory | worst error | skips memory | skips auto | s |",
+        "|---|---|---|---:|---:|---:|---|---:|---|---|---:|",
     ]
     for r in rows:
         if r.error:
@@ -107,25 +123,38 @@ def markdown(rows: Sequence[Row]) -> str:
         lines.append(
             f"| {r.model} | {r.about} | {r.input} | {r.pairs} | {r.tuned_auto} | "
             f"{r.tuned_memory} | {_mb(r.bytes_none)} / {_mb(r.bytes_auto)} / "
-            f"{_mb(r.bytes_memory)} | {r.worst_error:.1e} | {r.skips_memory or '-'} | "
-            f"{r.policy_eval_auto} | {r.seconds:.0f} |")
+            f"{_mb(r.bytes_memory)} | {r.worst_error:.1e} | {_skips(r.skips_memory)} | "
+            f"{_skips(r.skips_auto)} | {r.seconds:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def command(argv: Sequence[str]) -> str:
+    """The command line as run: interpreter, PYTHONPATH if set, arguments."""
+    path = os.environ.get("PYTHONPATH")
+    prefix = f"PYTHONPATH={shlex.quote(path)} " if path else ""
+    return f"{prefix}{shlex.quote(sys.executable)} -m benchmarks.zoo_table {shlex.join(argv)}"
+
+
+def versions() -> dict[str, Any]:
+    import timm
+    import torchvision
+
+    import convbn_pass
+    return {"torch": torch.__version__, "torchvision": torchvision.__version__,
+            "timm": timm.__version__, "convbn_pass": convbn_pass.__version__,
+            "threads": torch.get_num_threads(),
+            "machine": f"{platform.machine()} {platform.system()}"}
 
 
 def write(rows: Sequence[Row], out: pathlib.Path, argv: Sequence[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    about = versions()
+    results = {"command": command(argv), "versions": about,
+               "rows": [dataclasses.asdict(r) for r in rows]}
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(markdown(rows))
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[fld.name for fld in dataclasses.fields(Row)])
-        writer.writeheader()
-        writer.writerows(dataclasses.asdict(r) for r in rows)
-    import timm
-    import torchvision
     (out / "command.txt").write_text(
-        f"python -m benchmarks.zoo_table {shlex.join(argv)}\n"
-        f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
-        f"timm {timm.__version__}, {torch.get_num_threads()} threads, "
-        f"{platform.machine()} {platform.system()}\n")
+        command(argv) + "\n" + ", ".join(f"{k} {v}" for k, v in about.items()) + "\n")
 
 
 def _select(patterns: Sequence[str] | None) -> list[zoo_models.Case]:

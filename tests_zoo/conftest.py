@@ -39,6 +39,13 @@ _MISSING = _missing()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Each model is measured once per process and its tests read that measurement; with
+    # pytest-xdist (`-n 2 --dist loadgroup`, as .ci/zoo runs) one model's tests go to one
+    # worker, so no model is measured twice.
+    for item in items:
+        case = getattr(getattr(item, "callspec", None), "params", {}).get("case")
+        if case is not None:
+            item.add_marker(pytest.mark.xdist_group(case.id))
     if _MISSING is None:
         return
     skip = pytest.mark.skip(reason=_MISSING)

@@ -33,9 +33,10 @@ _RUNS: dict[str, ZooRun] = {}
 
 
 def zoo_run(case: Case) -> ZooRun:
-    """The measurement of ``case``, made once per session and shared by the tests."""
+    """The measurement of ``case``, made once per session in a fresh process and
+    shared by the tests."""
     if case.id not in _RUNS:
-        _RUNS[case.id] = zoo_models.measure(case)
+        _RUNS[case.id] = zoo_models.measure_fresh(case)
     return _RUNS[case.id]
 
 

@@ -42,7 +42,7 @@ from convbn_pass import Decision, GraphRewrite
 __all__ = [
     "Case", "CASES", "CASE_IDS", "Errors", "Pair", "PolicyRun", "Step", "ZooRun",
     "randomize_norms", "freeze_batchnorm", "eligible_pairs", "eager_pairs",
-    "train_step", "scaled_errors", "measure", "build", "sample", "kept_graphs",
+    "train_step", "scaled_errors", "measure", "measure_fresh", "build", "sample", "kept_graphs",
 ]
 
 # The policies measured on every model, None standing for the light backend without the pass.
@@ -738,3 +738,31 @@ def measure(case: Case, policies: Sequence[str | None] = POLICIES) -> ZooRun:
     with torch._inductor.config.patch(fx_graph_cache=False):
         runs = {policy: _run_policy(policy, model, x, ref) for policy in policies}
     return ZooRun(case, pairs, runs, time.perf_counter() - start)
+
+
+def _measure_by_id(case_id: str, policies: tuple[str | None, ...]) -> ZooRun:
+    from torch._functorch import config as functorch_config
+
+    # The settings tests_zoo/conftest.py gives every test: no cache may serve a compile
+    # (the pass would not run and hand over no graph), room for every graph.
+    with torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=4096), \
+            torch._inductor.config.patch(fx_graph_cache=False, autotune_local_cache=False), \
+            functorch_config.patch(enable_autograd_cache=False):
+        run = measure(CASE_IDS[case_id], policies)
+    return dataclasses.replace(run, case=None)  # type: ignore[arg-type]  # a Case's factory does not pickle
+
+
+def measure_fresh(case: Case, policies: Sequence[str | None] = POLICIES) -> ZooRun:
+    """:func:`measure` in a fresh process (spawned, so nothing is inherited), the
+    way the benchmarks time compiles. One long process compiling model after model
+    grows and slows down: the same MobileNetV3-Small measurement took 29 s in a
+    process of its own and 68 s late in a serial run of the suite, whose process
+    had grown to 7 GB (on a machine busy with another run too)."""
+    import concurrent.futures
+    import multiprocessing
+
+    with concurrent.futures.ProcessPoolExecutor(
+            max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        run = pool.submit(_measure_by_id, case.id, tuple(policies)).result()
+    return dataclasses.replace(run, case=case)
+

@@ -19,7 +19,8 @@ without the pass and under ``auto`` and ``memory``. Columns:
   over both policies, on the model's own scale (largest output / gradient entry);
 - skips memory / auto: pairs left alone under each policy, by reason (the
   pass's stable reason strings, ``convbn_pass.REASONS``);
-- seconds: the whole measurement (three compiles and five steps).
+- seconds: the whole measurement (three compiles and five steps), in a fresh
+  process per model (start-up not counted).
 
 Writes ``results.json`` (one record per model, and the versions),
 ``results.md`` and ``command.txt`` (the command as run) to ``--out`` (default
@@ -77,7 +78,7 @@ def measure_row(case: zoo_models.Case) -> Row:
     """One model's row; a crash is recorded in ``error``, not raised."""
     row = Row(case.id, case.about, "x".join(map(str, case.input_shape)))
     try:
-        zoo = zoo_models.measure(case)
+        zoo = zoo_models.measure_fresh(case)  # a fresh process per model, as the tests do
     except Exception as exc:  # a crash is a result of the table
         row.error = one_line(exc)
         traceback.print_exc(file=sys.stderr)

@@ -23,7 +23,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from convbn_pass import deploy, policy, zoo
+from convbn_pass import deploy, zoo
+from convbn_pass.core import policy
 
 from . import harness
 from .records import BlockResult

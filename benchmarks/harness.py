@@ -51,7 +51,7 @@ from torch._dynamo.utils import counters
 
 import convbn_pass
 from convbn_pass import backends, deploy, memory, models, zoo
-from convbn_pass.records import COUNTER
+from convbn_pass.core.records import COUNTER
 from convbn_pass.step import backward, train_step
 
 from .records import CellResult, LightCell, ModeResult, PairDecision, RssResult

@@ -35,7 +35,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     import convbn_pass
     from benchmarks import harness, regional_compile
     from convbn_pass import step, zoo
-    from convbn_pass.records import COUNTER
+    from convbn_pass.core.records import COUNTER
 
     torch.set_num_threads(1)
     cpp = regional_compile._count_cpp_compiles(harness.cpu_seconds)

@@ -84,7 +84,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     import convbn_pass
     from benchmarks import harness
     from convbn_pass import regions, step, zoo
-    from convbn_pass.records import COUNTER
+    from convbn_pass.core.records import COUNTER
 
     torch.set_num_threads(1)
     cpp = _count_cpp_compiles(harness.cpu_seconds)

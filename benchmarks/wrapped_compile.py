@@ -65,7 +65,7 @@ def _arrange(arrangement: str, model: nn.Module, x: torch.Tensor,
 def _worker(rank: int, port: int, backend_name: str) -> None:
     import convbn_pass
     from convbn_pass import backends
-    from convbn_pass.records import COUNTER
+    from convbn_pass.core.records import COUNTER
     from torch._dynamo.utils import counters
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

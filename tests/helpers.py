@@ -11,7 +11,7 @@ from torch._dynamo.utils import counters
 
 import convbn_pass
 from convbn_pass import backends, zoo
-from convbn_pass.records import COUNTER
+from convbn_pass.core.records import COUNTER
 
 CompileFn = Callable[[nn.Module], Callable[..., Any]]
 

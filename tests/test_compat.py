@@ -1,4 +1,4 @@
-"""The version-dependent pieces in convbn_pass.compat, on the torch this suite runs on
+"""The version-dependent pieces in convbn_pass.core.compat, on the torch this suite runs on
 (CI runs it on 2.13 and 2.14.1)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import torch
 from torch._dynamo.callback import callback_handler
 
 import convbn_pass
-from convbn_pass import compat
+from convbn_pass.core import compat
 from helpers import block, counts, sample
 
 

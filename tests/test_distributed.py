@@ -32,7 +32,7 @@ from torch._dynamo.utils import counters
 
 import convbn_pass
 from convbn_pass import backends, memory, regions, zoo
-from convbn_pass.records import COUNTER
+from convbn_pass.core.records import COUNTER
 from helpers import Step, errors
 
 STEPS = 3

@@ -446,6 +446,6 @@ def test_idempotent_via_dynamo():
     model = zoo.randomize_bn(block("conv2d"))
 
     def twice(rewrite):
-        seen.append(convbn_pass.rewrite.run(rewrite.after, "memory"))
+        seen.append(convbn_pass.core.rewrite.run(rewrite.after, "memory"))
     torch.compile(model, backend=backends.light("memory", on_graph=twice))(X2)
     assert seen == [[]]

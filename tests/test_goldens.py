@@ -81,9 +81,9 @@ class TestGoldens(expecttest.TestCase):
         self.assertExpectedInline(
             rewritten(nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6), (2, 4, 8, 8)), """\
 def forward(conv.weight, conv.bias, x, bn.running_mean, bn.running_var, bn.weight, bn.bias):
-    bn_scale = tune.bn_scale(bn.running_var, bn.weight, 1e-05)  # recompute
-    scale_weight = tune.scale_weight(conv.weight, bn_scale)  # recompute
-    fuse_bias = tune.fuse_bias(conv.bias, bn.running_mean, bn_scale, bn.bias, conv.weight)  # recompute
+    bn_scale = algebra.bn_scale(bn.running_var, bn.weight, 1e-05)  # recompute
+    scale_weight = algebra.scale_weight(conv.weight, bn_scale)  # recompute
+    fuse_bias = algebra.fuse_bias(conv.bias, bn.running_mean, bn_scale, bn.bias, conv.weight)  # recompute
     y = F.conv2d(x, scale_weight, fuse_bias, (1, 1), (1, 1), (1, 1), 1)
     out = torch.relu(y)
     return (out,)
@@ -94,9 +94,9 @@ def forward(conv.weight, conv.bias, x, bn.running_mean, bn.running_var, bn.weigh
             rewritten(nn.Conv2d(4, 6, 3, stride=2, bias=False), nn.BatchNorm2d(6),
                       (2, 4, 8, 8)), """\
 def forward(conv.weight, x, bn.running_mean, bn.running_var, bn.weight, bn.bias):
-    bn_scale = tune.bn_scale(bn.running_var, bn.weight, 1e-05)  # recompute
-    scale_weight = tune.scale_weight(conv.weight, bn_scale)  # recompute
-    fuse_bias = tune.fuse_bias(None, bn.running_mean, bn_scale, bn.bias, conv.weight)  # recompute
+    bn_scale = algebra.bn_scale(bn.running_var, bn.weight, 1e-05)  # recompute
+    scale_weight = algebra.scale_weight(conv.weight, bn_scale)  # recompute
+    fuse_bias = algebra.fuse_bias(None, bn.running_mean, bn_scale, bn.bias, conv.weight)  # recompute
     y = F.conv2d(x, scale_weight, fuse_bias, (2, 2), (0, 0), (1, 1), 1)
     out = torch.relu(y)
     return (out,)
@@ -108,9 +108,9 @@ def forward(conv.weight, x, bn.running_mean, bn.running_var, bn.weight, bn.bias)
             rewritten(nn.ConvTranspose2d(4, 6, 2, stride=2, groups=2), nn.BatchNorm2d(6),
                       (2, 4, 5, 5)), """\
 def forward(conv.weight, conv.bias, x, bn.running_mean, bn.running_var, bn.weight, bn.bias):
-    bn_scale = tune.bn_scale(bn.running_var, bn.weight, 1e-05)  # recompute
-    scale_weight = tune.scale_weight(conv.weight, bn_scale, transposed=True, groups=2)  # recompute
-    fuse_bias = tune.fuse_bias(conv.bias, bn.running_mean, bn_scale, bn.bias, conv.weight)  # recompute
+    bn_scale = algebra.bn_scale(bn.running_var, bn.weight, 1e-05)  # recompute
+    scale_weight = algebra.scale_weight(conv.weight, bn_scale, transposed=True, groups=2)  # recompute
+    fuse_bias = algebra.fuse_bias(conv.bias, bn.running_mean, bn_scale, bn.bias, conv.weight)  # recompute
     y = F.conv_transpose2d(x, scale_weight, fuse_bias, (2, 2), (0, 0), (0, 0), 2, (1, 1))
     out = torch.relu(y)
     return (out,)
@@ -120,9 +120,9 @@ def forward(conv.weight, conv.bias, x, bn.running_mean, bn.running_var, bn.weigh
         self.assertExpectedInline(
             rewritten(nn.Linear(8, 6), nn.BatchNorm1d(6, affine=False), (4, 8)), """\
 def forward(conv.weight, conv.bias, x, bn.running_mean, bn.running_var):
-    bn_scale = tune.bn_scale(bn.running_var, None, 1e-05)  # recompute
-    scale_weight = tune.scale_weight(conv.weight, bn_scale)  # recompute
-    fuse_bias = tune.fuse_bias(conv.bias, bn.running_mean, bn_scale, None, conv.weight)  # recompute
+    bn_scale = algebra.bn_scale(bn.running_var, None, 1e-05)  # recompute
+    scale_weight = algebra.scale_weight(conv.weight, bn_scale)  # recompute
+    fuse_bias = algebra.fuse_bias(conv.bias, bn.running_mean, bn_scale, None, conv.weight)  # recompute
     y = F.linear(x, scale_weight, fuse_bias)
     out = torch.relu(y)
     return (out,)
@@ -151,9 +151,9 @@ def forward(0.weight, 0.bias, args_0, 1.weight, 1.running_var, 1.bias, 1.running
     shift = operator.sub(1.bias, mul_1)
     reshape = scale.reshape(1, -1, 1, 1)
     reshape_1 = shift.reshape(1, -1, 1, 1)
-    channel_scale = tune.channel_scale(reshape)  # recompute
-    scale_weight = tune.scale_weight(0.weight, channel_scale)  # recompute
-    fuse_bias = tune.fuse_bias(0.bias, None, channel_scale, reshape_1, 0.weight)  # recompute
+    channel_scale = algebra.channel_scale(reshape)  # recompute
+    scale_weight = algebra.scale_weight(0.weight, channel_scale)  # recompute
+    fuse_bias = algebra.fuse_bias(0.bias, None, channel_scale, reshape_1, 0.weight)  # recompute
     input_1 = F.conv2d(args_0, scale_weight, fuse_bias, (1, 1), (0, 0), (1, 1), 1)
     return (input_1,)
 """)
@@ -164,11 +164,11 @@ def forward(0.weight, 0.bias, args_0, 1.weight, 1.running_var, 1.bias, 1.running
             rewritten(nn.Conv2d(4, 6, 3), nn.BatchNorm2d(6), (2, 4, 8, 8),
                       autocast=torch.bfloat16), """\
 def forward(conv.weight, conv.bias, x, bn.running_mean, bn.running_var, bn.weight, bn.bias):
-    bn_scale = tune.bn_scale(bn.running_var, bn.weight, 1e-05)  # recompute
-    scale_weight = tune.scale_weight(conv.weight, bn_scale)  # recompute
-    fuse_bias = tune.fuse_bias(conv.bias, bn.running_mean, bn_scale, bn.bias, conv.weight)  # recompute
+    bn_scale = algebra.bn_scale(bn.running_var, bn.weight, 1e-05)  # recompute
+    scale_weight = algebra.scale_weight(conv.weight, bn_scale)  # recompute
+    fuse_bias = algebra.fuse_bias(conv.bias, bn.running_mean, bn_scale, bn.bias, conv.weight)  # recompute
     y = F.conv2d(x, scale_weight, None, (1, 1), (0, 0), (1, 1), 1)
-    add_channel_bias = tune.add_channel_bias(y, fuse_bias)
+    add_channel_bias = algebra.add_channel_bias(y, fuse_bias)
     out = torch.relu(add_channel_bias)
     return (out,)
 """)
@@ -179,9 +179,9 @@ def forward(conv.weight, conv.bias, x, bn.running_mean, bn.running_var, bn.weigh
             rewritten(nn.Conv2d(4, 6, 3), nn.BatchNorm2d(6), (2, 4, 8, 8),
                       policy="keep_weight"), """\
 def forward(conv.weight, conv.bias, x, bn.running_mean, bn.running_var, bn.weight, bn.bias):
-    bn_scale = tune.bn_scale(bn.running_var, bn.weight, 1e-05)
-    scale_weight = tune.scale_weight(conv.weight, bn_scale)
-    fuse_bias = tune.fuse_bias(conv.bias, bn.running_mean, bn_scale, bn.bias, conv.weight)
+    bn_scale = algebra.bn_scale(bn.running_var, bn.weight, 1e-05)
+    scale_weight = algebra.scale_weight(conv.weight, bn_scale)
+    fuse_bias = algebra.fuse_bias(conv.bias, bn.running_mean, bn_scale, bn.bias, conv.weight)
     y = F.conv2d(x, scale_weight, fuse_bias, (1, 1), (0, 0), (1, 1), 1)
     out = torch.relu(y)
     return (out,)
@@ -199,9 +199,9 @@ def forward(input_1):
     _1_running_var = self.1.running_var
     _1_weight = self.1.weight
     _1_bias = self.1.bias
-    bn_scale = tune.bn_scale(_1_running_var, _1_weight, 1e-05)  # recompute
-    scale_weight = tune.scale_weight(_0_weight, bn_scale)  # recompute
-    fuse_bias = tune.fuse_bias(_0_bias, _1_running_mean, bn_scale, _1_bias, _0_weight)  # recompute
+    bn_scale = algebra.bn_scale(_1_running_var, _1_weight, 1e-05)  # recompute
+    scale_weight = algebra.scale_weight(_0_weight, bn_scale)  # recompute
+    fuse_bias = algebra.fuse_bias(_0_bias, _1_running_mean, bn_scale, _1_bias, _0_weight)  # recompute
     pad = F.pad(input_1, (1, 1, 1, 1), mode='reflect')
     conv2d = F.conv2d(pad, scale_weight, fuse_bias, (1, 1), (0, 0), (1, 1), 1)
     return conv2d
@@ -221,9 +221,9 @@ def forward(input_1):
     _1_running_var = self.1.running_var
     _1_num_batches_tracked = self.1.num_batches_tracked
     _guards_fn = self._guards_fn(input_1)
-    bn_scale = tune.bn_scale(_1_running_var, _1_weight, 1e-05)  # recompute
-    scale_weight = tune.scale_weight(_0_weight, bn_scale)  # recompute
-    fuse_bias = tune.fuse_bias(_0_bias, _1_running_mean, bn_scale, _1_bias, _0_weight)  # recompute
+    bn_scale = algebra.bn_scale(_1_running_var, _1_weight, 1e-05)  # recompute
+    scale_weight = algebra.scale_weight(_0_weight, bn_scale)  # recompute
+    fuse_bias = algebra.fuse_bias(_0_bias, _1_running_mean, bn_scale, _1_bias, _0_weight)  # recompute
     conv2d = aten.conv2d.default(input_1, scale_weight, fuse_bias)
     return (conv2d,)
 """)

@@ -173,14 +173,14 @@ def forward(0.weight, args_0, 1.running_mean, 1.running_var, 1.weight, 1.bias, 3
 
 Graph 1 of 1, after the pass:
 def forward(0.weight, args_0, 1.running_mean, 1.running_var, 1.weight, 1.bias, 3.weight, 3.bias, 4.running_mean, 4.running_var, 4.weight, 4.bias):
-    bn_scale = tune.bn_scale(1.running_var, 1.weight, 1e-05)  # recompute
-    scale_weight = tune.scale_weight(0.weight, bn_scale)  # recompute
-    fuse_bias = tune.fuse_bias(None, 1.running_mean, bn_scale, 1.bias, 0.weight)  # recompute
+    bn_scale = algebra.bn_scale(1.running_var, 1.weight, 1e-05)  # recompute
+    scale_weight = algebra.scale_weight(0.weight, bn_scale)  # recompute
+    fuse_bias = algebra.fuse_bias(None, 1.running_mean, bn_scale, 1.bias, 0.weight)  # recompute
     input_1 = F.conv2d(args_0, scale_weight, fuse_bias, (1, 1), (1, 1), (1, 1), 1)
     input_3 = F.relu(input_1, inplace=False)
-    bn_scale_1 = tune.bn_scale(4.running_var, 4.weight, 1e-05)  # recompute
-    scale_weight_1 = tune.scale_weight(3.weight, bn_scale_1)  # recompute
-    fuse_bias_1 = tune.fuse_bias(3.bias, 4.running_mean, bn_scale_1, 4.bias, 3.weight)  # recompute
+    bn_scale_1 = algebra.bn_scale(4.running_var, 4.weight, 1e-05)  # recompute
+    scale_weight_1 = algebra.scale_weight(3.weight, bn_scale_1)  # recompute
+    fuse_bias_1 = algebra.fuse_bias(3.bias, 4.running_mean, bn_scale_1, 4.bias, 3.weight)  # recompute
     input_4 = F.conv2d(input_3, scale_weight_1, fuse_bias_1, (1, 1), (0, 0), (1, 1), 1)
     return (input_4,)
 """)

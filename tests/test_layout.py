@@ -21,3 +21,19 @@ def test_a_folder_named_like_the_package_does_not_shadow_it(tmp_path: Path) -> N
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == [convbn_pass.__file__, "True"], proc.stdout
+
+
+def test_the_cache_key_hashes_the_core_and_nothing_else() -> None:
+    # Editing a tool (the CLI, a reference model) must not invalidate users' cached graphs,
+    # and no code that can change a rewrite may escape the key.
+    from convbn_pass.core import inductor
+
+    package = Path(convbn_pass.__file__).parent
+    hashed = {p.relative_to(package).as_posix() for p in inductor.hashed_sources()}
+    assert hashed == {p.relative_to(package).as_posix() for p in (package / "core").glob("*.py")}
+    assert "zoo.py" not in hashed and "inspect.py" not in hashed
+    # The core imports nothing of the package outside itself, so what it runs is what it hashes.
+    for path in (package / "core").glob("*.py"):
+        text = path.read_text()
+        assert not any(line.lstrip().startswith(("from ..", "import convbn_pass", "from convbn_pass"))
+                       for line in text.splitlines()), path.name

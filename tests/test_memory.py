@@ -12,7 +12,7 @@ import torch
 from torch.utils.checkpoint import CheckpointPolicy
 
 from convbn_pass import backends, deploy, memory, zoo
-from convbn_pass.records import COUNTER
+from convbn_pass.core.records import COUNTER
 from helpers import inductor, light
 
 

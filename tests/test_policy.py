@@ -8,10 +8,10 @@ import torch.nn as nn
 
 import convbn_pass
 from convbn_pass import backends, memory, zoo
-from convbn_pass import policy as policy_module
-from convbn_pass.forms import Follow
-from convbn_pass.match import Candidate
-from convbn_pass.records import Action
+from convbn_pass.core import policy as policy_module
+from convbn_pass.core.forms import Follow
+from convbn_pass.core.match import Candidate
+from convbn_pass.core.records import Action
 
 
 def _decide(model: nn.Module, x: torch.Tensor, policy: str = "auto") -> list[tuple[str, str]]:

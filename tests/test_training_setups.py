@@ -17,7 +17,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 import convbn_pass
 from convbn_pass import backends, memory, zoo
-from convbn_pass.records import COUNTER
+from convbn_pass.core.records import COUNTER
 from helpers import (Step, block, errors, inductor, inductor_options, light, rel_err, sample,
                      tuned)
 
@@ -283,7 +283,7 @@ def test_warm_caches_stay_correct_and_keyed_by_options(tmp_path, monkeypatch):
         worst = max(errors(Step(model, x, compile_fn), ref).values())
         return hits, n_tuned, served, saved, worst
 
-    monkeypatch.setattr(convbn_pass.inductor._cache_watch, "warned", False)
+    monkeypatch.setattr(convbn_pass.core.inductor._cache_watch, "warned", False)
     # Warned once: already in the cold run, where the step under saved-tensor hooks
     # recompiles into the same graph, which the cache serves.
     with torch._functorch.config.patch(enable_autograd_cache=True), \

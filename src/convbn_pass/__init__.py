@@ -22,12 +22,12 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 
-from .forms import norm_module_form
-from .inductor import ConvBNPass, GraphRewrite, disable, enable, enabled, is_enabled, options
-from .policy import AUTO_RATIO, POLICIES
+from .core.forms import norm_module_form
+from .core.inductor import ConvBNPass, GraphRewrite, disable, enable, enabled, is_enabled, options
+from .core.policy import AUTO_RATIO, POLICIES
 from .regions import compile_regions, plan_regions, uncompile_regions
-from .records import REASONS, Action, Decision, Reason, clear_decisions, decisions
-from .rewrite import run
+from .core.records import REASONS, Action, Decision, Reason, clear_decisions, decisions
+from .core.rewrite import run
 
 __all__ = [
     "apply", "enable", "disable", "enabled", "is_enabled", "options", "ConvBNPass",

@@ -21,9 +21,9 @@ import torch.fx as fx
 from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
 from torch._dynamo.backends.common import aot_autograd
 
-from .inductor import ConvBNPass, GraphRewrite, copy_graph
-from .policy import AUTO_RATIO
-from .records import current_compile_id
+from .core.inductor import ConvBNPass, GraphRewrite, copy_graph
+from .core.policy import AUTO_RATIO
+from .core.records import current_compile_id
 
 __all__ = ["light"]
 

@@ -1,6 +1,6 @@
 """Deploy mode: a copy of a model with each eval-mode BatchNorm folded into its conv.
 
-``W′`` and ``b′`` are computed once (with tune.py's functions) and become the
+``W′`` and ``b′`` are computed once (with core/algebra.py's functions) and become the
 conv's own parameters; the BatchNorm becomes ``nn.Identity``. This is the memory
 floor no training-capable mode can beat, and the reference the pass is measured
 against; training in this mode changes what is learnt, so it is a yardstick, not
@@ -17,9 +17,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from . import tune
-from .forms import conv_module_form, norm_module_form
-from .match import find_candidates, module_path
+from .core import algebra
+from .core.forms import conv_module_form, norm_module_form
+from .core.match import find_candidates, module_path
 
 __all__ = ["fold", "pairs"]
 
@@ -70,9 +70,9 @@ def fold(model: nn.Module, *example_inputs: Any) -> nn.Module:
         scale, mean, shift = norm_row.terms(lambda fn, *args: fn(*args), tensors, bn.eps)
         groups = getattr(conv, "groups", 1)
         new = copy.deepcopy(conv)
-        new.weight = nn.Parameter(tune.scale_weight(conv.weight, scale, conv_row.transposed,
+        new.weight = nn.Parameter(algebra.scale_weight(conv.weight, scale, conv_row.transposed,
                                                     groups))
-        new.bias = nn.Parameter(tune.fuse_bias(conv.bias, mean, scale, shift, conv.weight))
+        new.bias = nn.Parameter(algebra.fuse_bias(conv.bias, mean, scale, shift, conv.weight))
         _set_submodule(folded, conv_path, new)
         _set_submodule(folded, bn_path, nn.Identity())
     return folded

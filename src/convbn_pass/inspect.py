@@ -60,10 +60,11 @@ import torch.nn as nn
 from torch._functorch import config as functorch_config
 
 import convbn_pass
-from . import backends, compat, memory, models, regions, report
-from .inductor import GraphRewrite, user_passes
+from . import backends, memory, models, regions, report
+from .core import compat
+from .core.inductor import GraphRewrite, user_passes
 from .printing import format_graph
-from .records import COUNTER, current_compile_id
+from .core.records import COUNTER, current_compile_id
 from .step import train_step
 
 __all__ = ["main"]

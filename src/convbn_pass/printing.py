@@ -20,14 +20,14 @@ __all__ = ["format_graph", "target_name"]
 
 _KNOWN_MODULES = (
     ("torch.nn.functional.", "F."),
-    ("convbn_pass.tune.", "tune."),
+    ("convbn_pass.core.algebra.", "algebra."),
     ("torch._C._nn.", "F."),
     ("torch.ops.aten.", "aten."),
 )
 
 
 def target_name(node: fx.Node) -> str:
-    """``torch.conv2d``, ``F.batch_norm``, ``tune.bn_scale``, ``aten.convolution.default``,
+    """``torch.conv2d``, ``F.batch_norm``, ``algebra.bn_scale``, ``aten.convolution.default``,
     ``.relu`` (a method), or a module path (``call_module``)."""
     target = node.target
     if node.op == "call_method":

@@ -53,10 +53,10 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from . import inductor as _inductor
-from . import policy as _policy
-from .match import find_candidates, module_path
-from .records import Reason
+from .core import inductor as _inductor
+from .core import policy as _policy
+from .core.match import find_candidates, module_path
+from .core.records import Reason
 
 __all__ = ["Pair", "SplitPair", "RegionPlan", "find_pairs", "auto_regions", "split_pairs",
            "plan_regions", "compile_regions", "uncompile_regions", "describe"]

@@ -58,7 +58,7 @@ import collections
 import dataclasses
 from typing import Any, Sequence
 
-from .records import Action, Decision, Reason
+from .core.records import Action, Decision, Reason
 
 __all__ = ["Report", "Pair", "SCHEMA_VERSION", "text", "pairs_of", "BACKENDS", "PROG"]
 

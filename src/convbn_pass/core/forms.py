@@ -11,7 +11,7 @@ axis that holds its channels, the graph targets and module class it covers,
 and how a module of that class is written as a functional call.
 
 A :class:`NormForm` row says how to read what normalises the conv's output and
-how that gives the Tune-mode terms ``c``, ``μ̂`` and ``β`` (see ``tune.py``)::
+how that gives the Tune-mode terms ``c``, ``μ̂`` and ``β`` (see ``algebra.py``)::
 
     batch_norm:  c = γ / sqrt(σ̂² + ε)   μ̂ = running_mean   β = bias
     affine:      c = scale               μ̂ = 0              β = shift
@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import tune
+from . import algebra
 
 __all__ = ["ConvForm", "NormForm", "TuneTerms", "ModuleCall", "Follow",
            "CONV_FORMS", "NORM_FORMS", "conv_form", "conv_module_form", "norm_form",
@@ -194,12 +194,12 @@ Call = Callable[..., Any]
 
 
 def _batch_norm_terms(call: Call, t: Mapping[str, Any], eps: float) -> TuneTerms[Any]:
-    return TuneTerms(call(tune.bn_scale, t["running_var"], t["weight"], eps),
+    return TuneTerms(call(algebra.bn_scale, t["running_var"], t["weight"], eps),
                      t["running_mean"], t["bias"])
 
 
 def _affine_terms(call: Call, t: Mapping[str, Any], eps: float) -> TuneTerms[Any]:
-    return TuneTerms(call(tune.channel_scale, t["scale"]), None, t.get("shift"))
+    return TuneTerms(call(algebra.channel_scale, t["scale"]), None, t.get("shift"))
 
 
 @dataclasses.dataclass(frozen=True)

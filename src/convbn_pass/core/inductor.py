@@ -7,7 +7,7 @@ Two ways in:
 - ``torch.compile(model, options=options())`` carries the pass in that one
   compile's options: no global state, and its graphs are cached apart.
 
-The pass's ``uuid()`` hashes this package's sources and the options, so
+The pass's ``uuid()`` hashes the sources of ``convbn_pass.core`` and the options, so
 Inductor's FX graph cache is keyed correctly and never reuses a graph compiled
 under other options.
 """
@@ -35,11 +35,17 @@ __all__ = ["ConvBNPass", "GraphRewrite", "enable", "disable", "enabled", "option
            "is_enabled"]
 
 
+def hashed_sources() -> list[pathlib.Path]:
+    """The sources that can change a rewrite: every module of ``convbn_pass.core``.
+    The tools around the pass (the CLI, reports, reference models) and the eager and
+    regional entry points are not among them, so editing those keeps users' cached
+    graphs valid."""
+    return sorted(pathlib.Path(__file__).parent.glob("*.py"))
+
+
 def _source_hash() -> str:
-    """Every Python source of this package, so that no module escapes the cache key."""
-    here = pathlib.Path(__file__).parent
     hasher = hashlib.sha256()
-    for path in sorted(here.glob("*.py")):
+    for path in hashed_sources():
         hasher.update(path.name.encode())
         hasher.update(path.read_bytes())
     return hasher.hexdigest()

@@ -6,7 +6,7 @@ transposed conv or linear node: a BatchNorm, or a per-channel affine
 same algebra with nothing to train). Which calls and modules count is the rows
 of ``forms.py``; this module reads a node through its row once, into named
 fields (no argument indices past this point), and gives each candidate either
-``reject=None`` (it may be rewritten) or a :class:`~convbn_pass.records.Reason`
+``reject=None`` (it may be rewritten) or a :class:`~convbn_pass.core.records.Reason`
 with a sentence saying why not.
 
 Graphs come as functional nodes (Dynamo's default), aten nodes (``make_fx``,

@@ -8,9 +8,9 @@ Before (Dynamo's pre-grad graph)::
 
 After::
 
-    scale = convbn_pass.tune.bn_scale(var, gamma, 1e-05)        # c = γ/sqrt(σ̂²+ε)
-    weight = convbn_pass.tune.scale_weight(w, scale)            # W′ = W·c
-    bias = convbn_pass.tune.fuse_bias(b, mean, scale, beta, w)  # b′ = β+(b−μ̂)·c
+    scale = convbn_pass.algebra.bn_scale(var, gamma, 1e-05)        # c = γ/sqrt(σ̂²+ε)
+    weight = convbn_pass.algebra.scale_weight(w, scale)            # W′ = W·c
+    bias = convbn_pass.algebra.fuse_bias(b, mean, scale, beta, w)  # b′ = β+(b−μ̂)·c
     conv2d = torch.conv2d(x, weight, bias, (1, 1), (1, 1), (1, 1), 1)
     relu = conv2d.relu()
 
@@ -30,7 +30,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy
 
-from . import tune
+from . import algebra
 from .match import Candidate, TensorArg, find_candidates
 from .policy import AUTO_RATIO, check_policy, decide
 from .records import (Action, Decision, Reason, compile_label, current_compile_id,
@@ -102,13 +102,13 @@ def rewrite_candidate(graph: fx.Graph, cand: Candidate, action: Action) -> fx.No
         w = _materialise(graph, conv.weight)
         b = _materialise(graph, conv.bias)
         tensors = {name: _materialise(graph, arg) for name, arg in bn.tensors.items()}
-        # Step (2): c, μ̂, β as the normalisation's row reads them; W′, b′ (tune.py).
+        # Step (2): c, μ̂, β as the normalisation's row reads them; W′, b′ (algebra.py).
         scale, mean, beta = bn.form.terms(call, tensors, bn.eps)
         kwargs = {"transposed": True, "groups": conv.groups} if conv.transposed else {}
-        weight = call(tune.scale_weight, w, scale, **kwargs)
+        weight = call(algebra.scale_weight, w, scale, **kwargs)
         # b′ = 0 when there is no term: the conv keeps no bias.
         bias = None if b is None and mean is None and beta is None else call(
-            tune.fuse_bias, b, mean, scale, beta, w)
+            algebra.fuse_bias, b, mean, scale, beta, w)
         # Step (3): the conv itself, now with W′ and b′. Under autocast a
         # half-precision conv would round b′ (and the gradient of b′, hence of β
         # and γ) to its dtype, where BatchNorm keeps them in float32: there b′ is
@@ -126,7 +126,7 @@ def rewrite_candidate(graph: fx.Graph, cand: Candidate, action: Action) -> fx.No
             out.meta.update(conv.node.meta)
         if split_bias:
             axis = {} if conv.form.channel_axis == 1 else {"axis": conv.form.channel_axis}
-            out = graph.call_function(tune.add_channel_bias, (out, bias), axis)
+            out = graph.call_function(algebra.add_channel_bias, (out, bias), axis)
             out.meta.update(conv.node.meta)
     for node in created:
         node.meta["nn_module_stack"] = bn.node.meta.get("nn_module_stack", {})

@@ -284,3 +284,31 @@ def test_more_block_shapes_than_the_recompile_limit():
         model(x)
     assert len(plan.groups) == 10 and not plan.root
     assert counters["convbn_pass"]["tuned"] == 40
+
+
+def test_find_pairs_reads_a_graph_once_per_block_it_runs_for():
+    """Blocks dispatched from a Python loop past a graph break: Dynamo compiles the block's
+    forward (one graph per dilation here) and may run one graph for several blocks; every
+    block's pair is found, named by the modules it ran with."""
+    model = zoo.randomize_bn(zoo.RoutedNet(depth=12, width=4)).eval()
+    pairs = regions.find_pairs(model, torch.randn(1, 3, 16, 16))
+    assert [(p.conv, p.bn) for p in pairs] == [
+        (f"blocks.{i}.conv", f"blocks.{i}.bn") for i in range(12)]
+
+
+def test_find_pairs_leaves_the_users_recompile_budget_alone():
+    """The trace has a recompile budget of its own: a compile after it tunes as many pairs
+    as a compile without it (Dynamo's limit counts compiles per code object)."""
+    def tuned_by_a_compile(first_find_pairs: bool) -> int:
+        torch._dynamo.reset()
+        model = zoo.randomize_bn(zoo.RoutedNet(depth=12, width=4)).eval()
+        x = torch.randn(1, 3, 16, 16)
+        if first_find_pairs:
+            regions.find_pairs(model, x)
+        decided: list[convbn_pass.Decision] = []
+        with torch._dynamo.config.patch(recompile_limit=8):
+            torch.compile(model, backend=backends.light(
+                "memory", on_graph=lambda r: decided.extend(r.decisions)))(x)
+        return sum(d.tuned for d in decided)
+
+    assert tuned_by_a_compile(True) == tuned_by_a_compile(False) == 8

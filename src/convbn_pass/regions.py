@@ -53,6 +53,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from .core import compat
 from .core import inductor as _inductor
 from .core import policy as _policy
 from .core.match import find_candidates, module_path
@@ -61,7 +62,8 @@ from .core.records import Reason
 __all__ = ["Pair", "SplitPair", "RegionPlan", "find_pairs", "auto_regions", "split_pairs",
            "plan_regions", "compile_regions", "uncompile_regions", "describe"]
 
-_ATTR = "_convbn_region_compiled"  # the compiled function, in a compiled module's __dict__
+_ATTR = "_convbn_region_compiled"
+_TRACE_RECOMPILE_LIMIT = 4096  # compiles of one code object that the pair-finding trace may make  # the compiled function, in a compiled module's __dict__
 
 Regions = Sequence[str] | type | tuple[type, ...] | None
 
@@ -120,11 +122,14 @@ class RegionPlan(NamedTuple):
 # ---------------------------------------------------------------------------
 
 def find_pairs(model: nn.Module, example_inputs: Any) -> tuple[Pair, ...]:
-    """Every Conv→BatchNorm pair ``model``'s forward runs on ``example_inputs``.
+    """Every Conv→BatchNorm pair ``model``'s forward runs on ``example_inputs``, one
+    per execution, in the order they ran.
 
     ``example_inputs`` is a tuple of positional arguments (or one tensor). The
     model runs once under Dynamo with a recording backend; its buffers and the
-    RNG state are restored afterwards.
+    RNG state are restored afterwards. A graph Dynamo compiled once and ran for
+    several modules (a loop over blocks of one class: the blocks' parameters are
+    the graph's inputs) is read once per run, with the modules of that run.
 
     >>> from convbn_pass import zoo
     >>> model = zoo.ResNet(zoo.BasicBlock, [1, 1, 1, 1], width=8).eval()
@@ -134,17 +139,73 @@ def find_pairs(model: nn.Module, example_inputs: Any) -> tuple[Pair, ...]:
     """
     _check_not_compiled(model)
     paths = {id(m): path for path, m in model.named_modules(remove_duplicate=False)}
+    owners = _tensor_owners(model)
+    read: dict[int, tuple[list[Any], dict[str, Any], list[fx.Node]]] = {}
     pairs: list[Pair] = []
-    for graph in _trace(model, _as_tuple(example_inputs)):
-        stacks = _stacks(graph)
-        for cand in find_candidates(graph):
+    for graph, args in _trace(model, _as_tuple(example_inputs)):
+        if id(graph) not in read:
+            read[id(graph)] = (find_candidates(graph), _stacks(graph),
+                               [n for n in graph.nodes if n.op == "placeholder"])
+        candidates, stacks, placeholders = read[id(graph)]
+        inputs = dict(zip(placeholders, args))
+        for cand in candidates:
             conv_calls = _calls(stacks.get(cand.conv_path), paths)
             bn_calls = _calls(stacks.get(cand.bn_path), paths)
-            pairs.append(Pair(conv_calls[-1] if conv_calls else cand.conv_path,
-                              bn_calls[-1] if bn_calls else cand.bn_path, str(cand.op),
-                              conv_calls, bn_calls,
-                              cand.reject))
+            conv = conv_calls[-1] if conv_calls else cand.conv_path
+            bn = bn_calls[-1] if bn_calls else cand.bn_path
+            # The modules of this run, by the parameters the graph was called with.
+            conv_now = _owner(cand.conv.weight if cand.conv else None, inputs, owners)
+            bn_now = _owner(_first_tensor(cand), inputs, owners)
+            conv_calls = _moved(conv_calls, conv, conv_now)
+            bn_calls = _moved(bn_calls, bn, bn_now)
+            pairs.append(Pair(conv_now or conv, bn_now or bn, str(cand.op),
+                              conv_calls, bn_calls, cand.reject))
     return tuple(pairs)
+
+
+def _tensor_owners(model: nn.Module) -> dict[int, tuple[torch.Tensor, str]]:
+    """Each parameter and buffer of ``model`` by ``id``, with the tensor itself (held,
+    so the id stays its own) and the path of the module that owns it."""
+    owners: dict[int, tuple[torch.Tensor, str]] = {}
+    for named in (model.named_parameters(remove_duplicate=False),
+                  model.named_buffers(remove_duplicate=False)):
+        for name, tensor in named:
+            owners.setdefault(id(tensor), (tensor, name.rpartition(".")[0]))
+    return owners
+
+
+def _first_tensor(cand: Any) -> Any:
+    """A tensor argument the normalisation reads (its statistics first), or None."""
+    if cand.bn is None:
+        return None
+    return next((arg for arg in cand.bn.tensors.values() if arg is not None), None)
+
+
+def _owner(arg: Any, inputs: dict[fx.Node, Any],
+           owners: dict[int, tuple[torch.Tensor, str]]) -> str | None:
+    """The module path owning the tensor a graph input was called with, or None
+    (not a graph input, or not a tensor of the model)."""
+    value = inputs.get(arg) if isinstance(arg, fx.Node) else None
+    found = owners.get(id(value)) if isinstance(value, torch.Tensor) else None
+    return found[1] if found is not None and found[0] is value else None
+
+
+def _moved(calls: tuple[str, ...], traced: str, now: str | None) -> tuple[str, ...]:
+    """The call stack of a module traced as ``traced`` and run as ``now``: the part of
+    each path before the module's own relative name is swapped."""
+    if now is None or now == traced:
+        return calls
+    common = 0
+    for a, b in zip(reversed(traced.split(".")), reversed(now.split("."))):
+        if a != b:
+            break
+        common += 1
+    old = ".".join(traced.split(".")[:len(traced.split(".")) - common])
+    new = ".".join(now.split(".")[:len(now.split(".")) - common])
+    if not old:
+        return calls
+    return tuple(new + c[len(old):] if c == old or c.startswith(old + ".") else c
+                 for c in calls)
 
 
 def _stacks(graph: fx.Graph) -> dict[str, Any]:
@@ -171,16 +232,23 @@ def _calls(stack: Any, paths: dict[int, str]) -> tuple[str, ...]:
     return tuple(found)
 
 
-def _trace(model: nn.Module, args: tuple[Any, ...]) -> list[fx.Graph]:
-    """Dynamo's graphs of one forward of ``model``, with nothing left changed."""
-    graphs: list[fx.Graph] = []
+def _trace(model: nn.Module, args: tuple[Any, ...]) -> list[tuple[fx.Graph, tuple[Any, ...]]]:
+    """Every graph run of one forward of ``model`` under Dynamo, with the arguments
+    it ran with (a graph compiled once may run many times), nothing left changed."""
+    runs: list[tuple[fx.Graph, tuple[Any, ...]]] = []
 
     def record(gm: fx.GraphModule, example_inputs: Any) -> Callable[..., Any]:
-        graphs.append(gm.graph)
-        return gm.forward
+        def run(*inputs: Any) -> Any:
+            runs.append((gm.graph, inputs))
+            return gm.forward(*inputs)
+        return run
 
     saved = {name: b.detach().clone() for name, b in model.named_buffers()}
-    tracer = torch.compile(_entry("convbn_trace"), backend=record)
+    # A recompile budget of its own: blocks whose forward Dynamo compiles once per
+    # block (past a graph break) are all seen, and the trace's cache entries do not
+    # count against the user's own compiles of the same code.
+    tracer = torch.compile(_entry("convbn_trace"), backend=record,
+                           **compat.isolated_recompiles(_TRACE_RECOMPILE_LIMIT))
     try:
         with torch.random.fork_rng(devices=_cuda_devices(model)), torch.no_grad():
             tracer(model, *args)
@@ -188,7 +256,7 @@ def _trace(model: nn.Module, args: tuple[Any, ...]) -> list[fx.Graph]:
         with torch.no_grad():
             for name, b in model.named_buffers():
                 b.copy_(saved[name])
-    return graphs
+    return runs
 
 
 def _cuda_devices(model: nn.Module) -> list[int]:

@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 __all__ = ["MODELS", "ModelSpec", "build", "randomize_bn", "ResNet", "MobileNetV2",
            "UNet", "MLPBN", "EfficientNetLite", "Detector"]
@@ -264,6 +265,38 @@ class Detector(nn.Module):
 
 # --- Registry -------------------------------------------------------------------
 
+class RoutedNet(nn.Module):
+    """Blocks dispatched one by one from a Python loop with a data-dependent choice
+    between them, as detector codebases route their layers. Dynamo breaks the
+    graph at the choice and compiles the blocks' forward once per block (each has
+    its own dilation, a constant in the graph): past its recompile limit (8) the
+    remaining blocks run eagerly, outside every compiled graph."""
+
+    def __init__(self, depth: int = 12, width: int = 16, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = conv_bn(3, width, stride=2)
+        self.blocks = nn.ModuleList(_Dilated(width, dilation=i + 1) for i in range(depth))
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for block in self.blocks:
+            y = block(x)
+            x = y + x if y.mean() > x.mean() else y  # the routing: a graph break
+        return self.head(x.mean((2, 3)))
+
+
+class _Dilated(nn.Module):
+    def __init__(self, width: int, dilation: int) -> None:
+        super().__init__()
+        self.dilation = dilation
+        self.conv = nn.Conv2d(width, width, 3, padding=dilation, dilation=dilation, bias=False)
+        self.bn = nn.BatchNorm2d(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn(self.conv(x)))
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     factory: Callable[..., nn.Module]
@@ -293,6 +326,8 @@ MODELS: dict[str, ModelSpec] = {
     "detector": ModelSpec(lambda: Detector(ResNet(Bottleneck, [3, 4, 6, 3]), fpn=128,
                                            num_classes=20), (3, 384, 384), 1,
                           "ResNet-50 + FPN + shared conv-BN head (detection)"),
+    "routed": ModelSpec(RoutedNet, (3, 64, 64), 4,
+                        "12 blocks dispatched from a Python loop with data-dependent routing"),
 }
 
 

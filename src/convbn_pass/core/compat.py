@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 from torch._inductor import custom_graph_pass
 
-__all__ = ["custom_graph_passes", "inductor_backend", "on_compile", "TORCH_VERSION",
+__all__ = ["custom_graph_passes", "inductor_backend", "on_compile", "isolated_recompiles", "TORCH_VERSION",
            "OLDEST_VERIFIED"]
 
 TORCH_VERSION: tuple[int, int] = tuple(  # type: ignore[assignment]
@@ -52,3 +52,15 @@ def on_compile(start: Callable[[], None], end: Callable[[], None]) -> bool:
     if end not in callback_handler.end_callbacks:
         callback_handler.register_end_callback(end)
     return True
+
+
+def isolated_recompiles(limit: int) -> dict[str, Any]:
+    """``torch.compile`` keyword arguments giving that compile a recompile budget of
+    ``limit`` of its own, counted apart from every other compile of the same code
+    (``recompile_limit=`` and ``isolate_recompiles=``); ``{}`` where torch's
+    ``torch.compile`` takes neither."""
+    import inspect
+    params = inspect.signature(torch.compile).parameters
+    if "recompile_limit" not in params or "isolate_recompiles" not in params:
+        return {}
+    return {"recompile_limit": limit, "isolate_recompiles": True}

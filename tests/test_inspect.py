@@ -191,7 +191,8 @@ def forward(0.weight, args_0, 1.running_mean, 1.running_var, 1.weight, 1.bias, 3
 # ---------------------------------------------------------------------------
 
 _TOP_LEVEL = {"schema_version", "model", "input", "policy", "backend", "compiles", "pairs",
-              "totals", "counters", "memory", "graphs", "timings_s", "versions"}
+              "totals", "counters", "outside_graphs", "memory", "graphs", "timings_s",
+              "versions"}
 _PAIR = {"graph", "conv", "bn", "op", "action", "reason", "detail", "weight_numel",
          "activation_numel"}
 
@@ -389,3 +390,19 @@ def test_a_reader_that_closes_the_pipe_early_is_no_error() -> None:
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 0, err
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def test_pairs_that_ran_outside_every_graph_are_reported() -> None:
+    """zoo.RoutedNet: Dynamo compiles the block forward once per block up to its limit
+    of 8, and runs the stem from a frame it skips: those pairs get a row each, a reason,
+    a counter, and a hint; a model whose pairs all compile has none."""
+    with torch._dynamo.config.patch(recompile_limit=8):  # Dynamo's default
+        report = _json("routed", "--batch", "1", "--shape", "3,16,16")
+    outside = [(o["conv"], o["bn"], o["reason"]) for o in report["outside_graphs"]]
+    assert outside == [(f"blocks.{i}.conv", f"blocks.{i}.bn", "recompile_limit")
+                       for i in range(8, 12)] + [("stem.0", "stem.1", "skipped_frame")]
+    assert report["counters"]["outside_recompile_limit"] == 4
+    assert report["counters"]["outside_skipped_frame"] == 1
+    assert all("convbn_pass.tune" in o["hint"] for o in report["outside_graphs"])
+    assert report["totals"]["candidates"] == 8
+    assert _json(*TINY)["outside_graphs"] == []

@@ -60,7 +60,7 @@ import torch.nn as nn
 from torch._functorch import config as functorch_config
 
 import convbn_pass
-from . import backends, memory, models, regions, report
+from . import backends, coverage, memory, models, regions, report
 from .core import compat
 from .core.inductor import GraphRewrite, user_passes
 from .printing import format_graph
@@ -223,7 +223,7 @@ def _kept(ids: Sequence[tuple[str | None, int]]) -> list[bool]:
 
 
 def _compile(model: nn.Module, policy: str | None, args: argparse.Namespace,
-             seen: _Compile) -> Callable[..., Any]:
+             seen: _Compile, runs: coverage.GraphRuns | None = None) -> Callable[..., Any]:
     """``model`` compiled with the pass under ``policy`` (None: without it), with
     options of its own and no compile cache."""
     torch._dynamo.reset()  # Dynamo would reuse the other compile's graph otherwise
@@ -236,7 +236,10 @@ def _compile(model: nn.Module, policy: str | None, args: argparse.Namespace,
             user = list(user_passes())
             options = {**_NO_CACHE, "pre_grad_custom_pass": user or None}
         inner = compat.inductor_backend(options, dynamic=args.dynamic)
-    return torch.compile(model, backend=seen.backend(inner), dynamic=args.dynamic)
+    backend = seen.backend(inner)
+    if runs is not None:
+        backend = runs.backend(backend)
+    return torch.compile(model, backend=backend, dynamic=args.dynamic)
 
 
 @dataclasses.dataclass
@@ -246,6 +249,7 @@ class _Run:
     saved_bytes: int
     compile_s: float
     measure_s: float
+    runs: coverage.GraphRuns | None = None  # which pairs the graphs held, as they ran
 
     @property
     def kept(self) -> list[GraphRewrite]:
@@ -281,14 +285,17 @@ class _Progress:
 
 def _run(model: nn.Module, x: torch.Tensor, policy: str | None,
          args: argparse.Namespace, progress: _Progress) -> _Run:
-    """Compile, take one step (which compiles forward and backward), then measure."""
+    """Compile, take one step (which compiles forward and backward), then measure;
+    with the pass, note which pairs its graphs held as they ran."""
     label = "without the pass" if policy is None else f"with the pass (policy {policy})"
     seen = _Compile()
+    runs = None if policy is None else coverage.GraphRuns(model)
     counted = collections.Counter(torch._dynamo.utils.counters[COUNTER])
     try:
         with functorch_config.patch(enable_autograd_cache=False):
-            fn = _compile(model, policy, args, seen)
-            with progress.step(f"compiling {label}, {args.backend} backend") as compile_s:
+            fn = _compile(model, policy, args, seen, runs)
+            with progress.step(f"compiling {label}, {args.backend} backend") as compile_s, \
+                    (runs.watch() if runs is not None else contextlib.nullcontext()):
                 train_step(fn, model, x)
             with progress.step(f"measuring activation memory {label}") as measure_s:
                 saved = memory.saved_activation_bytes(fn, model, x)
@@ -299,7 +306,7 @@ def _run(model: nn.Module, x: torch.Tensor, policy: str | None,
     added = collections.Counter(torch._dynamo.utils.counters[COUNTER])
     added.subtract(counted)
     return _Run(seen, {k: v for k, v in sorted(added.items()) if v}, saved,
-                compile_s[0], measure_s[0])
+                compile_s[0], measure_s[0], runs)
 
 
 def _check_distinct(baseline: _Run, tuned: _Run) -> None:
@@ -319,7 +326,7 @@ def _check_distinct(baseline: _Run, tuned: _Run) -> None:
 # ---------------------------------------------------------------------------
 
 def _report(args: argparse.Namespace, model: models.Model, x: torch.Tensor, baseline: _Run,
-            tuned: _Run) -> report.Report:
+            tuned: _Run, outside: list[coverage.Outside]) -> report.Report:
     kept = tuned.kept
     show_before = args.graphs in ("before", "both")
     show_after = args.graphs in ("after", "both")
@@ -336,6 +343,7 @@ def _report(args: argparse.Namespace, model: models.Model, x: torch.Tensor, base
         pairs=pairs,
         totals=report.Totals.of(pairs),
         counters=tuned.counters,
+        outside_graphs=[report.OutsidePair(*o, coverage.HINTS[o.reason]) for o in outside],
         memory=report.Memory.of(args.backend, baseline.saved_bytes, tuned.saved_bytes),
         graphs=report.Graphs([format_graph(r.before) for r in kept] if show_before else None,
                              [format_graph(r.after) for r in kept] if show_after else None),
@@ -375,10 +383,17 @@ def _inspect(args: argparse.Namespace, progress: _Progress
     if args.out is not None:
         _make_out(args.out)
     model, x = _prepare(args)  # bad input fails here, before any progress line
+    with progress.step("finding the conv-BN pairs the forward runs"):
+        pairs = (regions.find_pairs(model.module, (x,)), coverage.seen_pairs(model.module, x))
     baseline = _run(model.module, x, None, args, progress)
     tuned = _run(model.module, x, args.policy, args, progress)
     _check_distinct(baseline, tuned)
-    return _report(args, model, x, baseline, tuned), tuned.kept
+    assert tuned.runs is not None
+    outside = coverage.outside(pairs, tuned.runs)
+    for o in outside:  # counted as the pass counts its decisions
+        torch._dynamo.utils.counters[COUNTER][f"outside_{o.reason}"] += 1
+        tuned.counters[f"outside_{o.reason}"] = tuned.counters.get(f"outside_{o.reason}", 0) + 1
+    return _report(args, model, x, baseline, tuned, outside), tuned.kept
 
 
 def _regions(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:

@@ -59,7 +59,8 @@ from .core import policy as _policy
 from .core.match import find_candidates, module_path
 from .core.records import Reason
 
-__all__ = ["Pair", "SplitPair", "RegionPlan", "find_pairs", "auto_regions", "split_pairs",
+__all__ = ["Pair", "SplitPair", "RegionPlan", "find_pairs", "tensor_owners", "owner_of",
+           "first_norm_tensor", "auto_regions", "split_pairs",
            "plan_regions", "compile_regions", "uncompile_regions", "describe"]
 
 _ATTR = "_convbn_region_compiled"
@@ -139,7 +140,7 @@ def find_pairs(model: nn.Module, example_inputs: Any) -> tuple[Pair, ...]:
     """
     _check_not_compiled(model)
     paths = {id(m): path for path, m in model.named_modules(remove_duplicate=False)}
-    owners = _tensor_owners(model)
+    owners = tensor_owners(model)
     read: dict[int, tuple[list[Any], dict[str, Any], list[fx.Node]]] = {}
     pairs: list[Pair] = []
     for graph, args in _trace(model, _as_tuple(example_inputs)):
@@ -154,8 +155,8 @@ def find_pairs(model: nn.Module, example_inputs: Any) -> tuple[Pair, ...]:
             conv = conv_calls[-1] if conv_calls else cand.conv_path
             bn = bn_calls[-1] if bn_calls else cand.bn_path
             # The modules of this run, by the parameters the graph was called with.
-            conv_now = _owner(cand.conv.weight if cand.conv else None, inputs, owners)
-            bn_now = _owner(_first_tensor(cand), inputs, owners)
+            conv_now = owner_of(cand.conv.weight if cand.conv else None, inputs, owners)
+            bn_now = owner_of(first_norm_tensor(cand), inputs, owners)
             conv_calls = _moved(conv_calls, conv, conv_now)
             bn_calls = _moved(bn_calls, bn, bn_now)
             pairs.append(Pair(conv_now or conv, bn_now or bn, str(cand.op),
@@ -163,7 +164,7 @@ def find_pairs(model: nn.Module, example_inputs: Any) -> tuple[Pair, ...]:
     return tuple(pairs)
 
 
-def _tensor_owners(model: nn.Module) -> dict[int, tuple[torch.Tensor, str]]:
+def tensor_owners(model: nn.Module) -> dict[int, tuple[torch.Tensor, str]]:
     """Each parameter and buffer of ``model`` by ``id``, with the tensor itself (held,
     so the id stays its own) and the path of the module that owns it."""
     owners: dict[int, tuple[torch.Tensor, str]] = {}
@@ -174,14 +175,14 @@ def _tensor_owners(model: nn.Module) -> dict[int, tuple[torch.Tensor, str]]:
     return owners
 
 
-def _first_tensor(cand: Any) -> Any:
+def first_norm_tensor(cand: Any) -> Any:
     """A tensor argument the normalisation reads (its statistics first), or None."""
     if cand.bn is None:
         return None
     return next((arg for arg in cand.bn.tensors.values() if arg is not None), None)
 
 
-def _owner(arg: Any, inputs: dict[fx.Node, Any],
+def owner_of(arg: Any, inputs: dict[fx.Node, Any],
            owners: dict[int, tuple[torch.Tensor, str]]) -> str | None:
     """The module path owning the tensor a graph input was called with, or None
     (not a graph input, or not a tensor of the model)."""

@@ -37,6 +37,10 @@ removing one raises the version::
                   "skipped": int,
                   "skipped_by_reason": {reason: int}},
       "counters": {key: int},             # this run's counters["convbn_pass"]
+      "outside_graphs": [                 # pairs that ran outside every compiled graph:
+        {"conv": str, "bn": str,          # the pass never saw them (no decision above)
+         "reason": str,                   # "recompile_limit", "graph_break", "skipped_frame"
+         "detail": str, "hint": str}],
       "memory":  {"backend": str,         # the backend that produced the figures
                   "without_pass_bytes": int, "with_pass_bytes": int,
                   "saved_bytes": int,     # without - with (negative: the pass keeps more)
@@ -131,6 +135,15 @@ class Totals:
 
 
 @dataclasses.dataclass(frozen=True)
+class OutsidePair:
+    conv: str
+    bn: str
+    reason: str
+    detail: str
+    hint: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Memory:
     backend: str
     without_pass_bytes: int
@@ -175,6 +188,7 @@ class Report:
     pairs: list[Pair]
     totals: Totals
     counters: dict[str, int]
+    outside_graphs: list[OutsidePair]
     memory: Memory
     graphs: Graphs
     timings_s: Timings
@@ -256,6 +270,16 @@ def text(r: Report) -> str:
         f"{totals.skipped} skipped" + (f" ({skipped})" if skipped else ""),
         'counters  torch._dynamo.utils.counters["convbn_pass"]: '
         + (", ".join(f"{k}={v}" for k, v in r.counters.items()) or "none"),
+    ]
+    if r.outside_graphs:
+        lines += ["", f"Pairs that ran outside every compiled graph: {len(r.outside_graphs)} "
+                  "(the pass never saw them)"]
+        lines += _table([["conv → bn", "reason", "detail"],
+                         *([f"{o.conv} → {o.bn}", o.reason, o.detail]
+                           for o in r.outside_graphs)])
+        hints = dict.fromkeys((o.reason, o.hint) for o in r.outside_graphs)
+        lines += [f"  {reason}: {hint}" for reason, hint in hints]
+    lines += [
         "",
         f"Activation memory saved for backward, one forward/backward step, "
         f"{mem.backend} backend:",

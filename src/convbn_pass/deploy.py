@@ -18,7 +18,9 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .core import algebra
-from .core.forms import conv_module_form, norm_module_form
+from torch.overrides import TorchFunctionMode
+
+from .core.forms import conv_module_form, norm_form, norm_module_form
 from .core.match import find_candidates, module_path
 
 __all__ = ["fold", "pairs"]
@@ -74,8 +76,37 @@ def fold(model: nn.Module, *example_inputs: Any) -> nn.Module:
                                                     groups))
         new.bias = nn.Parameter(algebra.fuse_bias(conv.bias, mean, scale, shift, conv.weight))
         _set_submodule(folded, conv_path, new)
-        _set_submodule(folded, bn_path, nn.Identity())
+        stock = type(bn).forward in norm_row.forwards
+        _set_submodule(folded, bn_path, nn.Identity() if stock else _AfterNorm(bn))
     return folded
+
+
+class _AfterNorm(nn.Module):
+    """A BatchNorm subclass whose forward does more than normalise (timm's
+    ``BatchNormAct2d``: BN, then drop and activation) with its normalisation folded
+    away: its forward runs, and its one batch-norm call returns its input as it is."""
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x: torch.Tensor) -> Any:
+        with _PassThrough(x):
+            return self.norm(x)
+
+
+class _PassThrough(TorchFunctionMode):
+    """The first normalisation call (a row of ``forms.NORM_FORMS``) on ``x`` returns ``x``."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        super().__init__()
+        self.x, self.done = x, False
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if not self.done and norm_form(func) is not None and args and args[0] is self.x:
+            self.done = True
+            return self.x
+        return func(*args, **(kwargs or {}))
 
 
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:

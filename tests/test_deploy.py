@@ -35,3 +35,20 @@ def test_stock_batchnorm_becomes_identity() -> None:
 
 def test_batchnorm_with_an_activation_keeps_the_activation() -> None:
     _check(nn.Sequential(nn.Conv2d(3, 4, 3), _BNAct(4)), deploy._AfterNorm)
+
+
+def test_a_conv_called_twice_is_not_folded() -> None:
+    # folding it for its second call would change its first
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(self.conv(self.conv(x)))
+
+    model = zoo.randomize_bn(Twice()).eval().double()
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    assert deploy.pairs(model, x) == []
+    with torch.no_grad():
+        torch.testing.assert_close(deploy.fold(model, x)(x), model(x), rtol=1e-12, atol=1e-12)

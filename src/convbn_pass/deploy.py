@@ -10,7 +10,7 @@ an alternative.
 from __future__ import annotations
 
 import copy
-from collections import Counter
+from collections import defaultdict
 from typing import Any
 
 import torch
@@ -39,16 +39,27 @@ def pairs(model: nn.Module, *example_inputs: Any) -> list[tuple[str, str]]:
 
     with torch.no_grad():
         torch.compile(model, backend=capture)(*example_inputs)
-    found, calls = [], Counter()
+    found: list[tuple[str, str]] = []
+    calls: dict[str, set[Any]] = defaultdict(set)
     for gm in graphs:
         for node in gm.graph.nodes:
             if node.op in ("call_function", "call_module"):
-                calls[module_path(node)] += 1
+                calls[module_path(node)].add(_call_key(node))
         found += [(c.conv_path, c.bn_path) for c in find_candidates(gm.graph)
                   if c.reject is None]
     # A module called more than once cannot be folded for one call only.
-    return [(conv, bn) for conv, bn in found if calls[conv] == 1 and calls[bn] == 1
-            and _foldable(model, conv, bn)]
+    return [(conv, bn) for conv, bn in found if len(calls[conv]) == 1
+            and len(calls[bn]) == 1 and _foldable(model, conv, bn)]
+
+
+def _call_key(node: fx.Node) -> Any:
+    """Which module call a node belongs to: Dynamo keys each call of a module apart in
+    ``nn_module_stack`` (``"<id>"``, then ``"<id>@1"``, ...); every node of one call (a
+    BatchNorm's normalisation and what its forward does after it) shares the key."""
+    if node.op == "call_module":
+        return node  # symbolic traces: one node per call
+    stack = node.meta.get("nn_module_stack")
+    return list(stack)[-1] if stack else node
 
 
 def _foldable(model: nn.Module, conv_path: str, bn_path: str) -> bool:

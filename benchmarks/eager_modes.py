@@ -58,10 +58,14 @@ MODES: tuple[str, ...] = ("eval", "mmengine", *(f"tune_{p}" for p in convbn_pass
 
 
 def fasterrcnn_backbone() -> nn.Module:
-    """torchvision's Faster R-CNN ResNet-50 FPN backbone as a detector fine-tunes it:
-    FrozenBatchNorm2d, random weights (nothing is downloaded)."""
-    from torchvision.models.detection import fasterrcnn_resnet50_fpn
-    return fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None).backbone
+    """torchvision's Faster R-CNN ResNet-50 FPN backbone as a detector fine-tunes it from
+    pretrained weights: FrozenBatchNorm2d, the stem and first stage frozen (what
+    ``fasterrcnn_resnet50_fpn`` builds with ``weights_backbone`` set); random weights
+    here, nothing is downloaded."""
+    from torchvision.models import resnet50
+    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+    from torchvision.ops.misc import FrozenBatchNorm2d
+    return _resnet_fpn_extractor(resnet50(weights=None, norm_layer=FrozenBatchNorm2d), 3)
 
 
 @dataclasses.dataclass

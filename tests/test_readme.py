@@ -1,0 +1,91 @@
+"""What the README and docs/ paste as output is what the code prints now.
+
+Every fenced block of README.md and docs/*.md that opens with a prompt line
+``$ python -m convbn_pass.inspect ...`` is run (each command once, in-process
+through ``main(argv)``) and its stdout compared with the lines pasted under the
+prompt, byte for byte: decisions, totals, counters and byte figures are
+deterministic for a given model, input and torch version. The text report holds
+no timings (they go to stderr and to the JSON's ``timings_s``), so nothing is
+normalised. A block without a prompt line is not checked (outputs of models from
+torchvision or timm, which this suite's environment may lack).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import pathlib
+import re
+import shlex
+from typing import NamedTuple
+
+import pytest
+
+from convbn_pass import inspect as cli
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+PROMPT = "$ python -m convbn_pass.inspect"
+_FENCE = re.compile(r"^```[^\n]*\n(.*?)^```$", re.MULTILINE | re.DOTALL)
+
+
+class Pasted(NamedTuple):
+    where: str        # "README.md:123", the prompt's line
+    argv: tuple[str, ...]
+    output: str       # the lines under the prompt, up to the next prompt or the fence
+
+
+def pasted(path: pathlib.Path) -> list[Pasted]:
+    """The prompted inspect commands of one page, each with the output pasted under it."""
+    text = path.read_text(encoding="utf-8")
+    found = []
+    for block in _FENCE.finditer(text):
+        first_line = text.count("\n", 0, block.start(1)) + 1
+        lines = block.group(1).splitlines()
+        if not lines or not lines[0].startswith(PROMPT):
+            continue
+        prompts = [i for i, line in enumerate(lines) if line.startswith("$ ")] + [len(lines)]
+        for start, end in zip(prompts, prompts[1:]):
+            argv = shlex.split(lines[start][len(PROMPT):])
+            output = "".join(line + "\n" for line in lines[start + 1:end])
+            name = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path.name
+            found.append(Pasted(f"{name}:{first_line + start}",
+                                tuple(argv), output))
+    return found
+
+
+CASES = [case for page in PAGES for case in pasted(page)]
+
+
+@functools.lru_cache(maxsize=None)
+def _stdout(argv: tuple[str, ...]) -> str:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = cli.main([*argv, "--quiet"])
+    assert status == 0, err.getvalue()
+    return out.getvalue()
+
+
+def test_the_readme_pastes_the_default_inspect_run():
+    """The README's first output is the no-argument run, so that it is checked here."""
+    readme = [case for case in CASES if case.where.startswith("README.md:")]
+    assert readme and readme[0].argv == ()
+    assert "totals    20 candidates" in readme[0].output
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.where for case in CASES])
+def test_pasted_output_is_what_the_code_prints(case: Pasted):
+    assert _stdout(case.argv) == case.output, f"{case.where}: pasted output is stale"
+
+
+def test_a_changed_figure_is_caught(tmp_path: pathlib.Path):
+    """The comparison sees one digit changed in a pasted byte count."""
+    page = tmp_path / "page.md"
+    [case] = [c for c in CASES if c.where.startswith("README.md:")][:1]
+    wrong = re.sub(r"(\d),(\d{3}) bytes", lambda m: f"{(int(m[1]) + 1) % 10},{m[2]} bytes",
+                   case.output, count=1)
+    assert wrong != case.output
+    page.write_text(f"```\n{PROMPT}\n{wrong}```\n", encoding="utf-8")
+    [read] = pasted(page)
+    assert read.output == wrong and _stdout(read.argv) != read.output

@@ -89,3 +89,46 @@ def test_a_changed_figure_is_caught(tmp_path: pathlib.Path):
     page.write_text(f"```\n{PROMPT}\n{wrong}```\n", encoding="utf-8")
     [read] = pasted(page)
     assert read.output == wrong and _stdout(read.argv) != read.output
+
+
+# --- the headline table: figures of the committed benchmark results ---------------------
+
+MODELS = {"ResNet-18": "resnet18", "ResNet-50": "resnet50", "ResNeXt-50": "resnext50",
+          "MobileNetV2": "mobilenet_v2", "EfficientNet-lite (SiLU)": "efficientnet_lite",
+          "U-Net": "unet", "MLP (Linear+BN1d)": "mlp_bn"}
+# U-Net's row comes from its run under the current policy, the others from the grid.
+FOLDER = {"unet": "cpu-unet"}
+_ROW = re.compile(r"^\| (?P<model>[^,|]+), (?P<batch>\d+)[^|]* \| (?P<mb>[^|]+) \| "
+                  r"(?P<times>[^|]+) \|$", re.MULTILINE)
+
+
+def _numbers(text: str) -> list[str]:
+    return re.findall(r"\d+\.\d+", text)
+
+
+def _matches(pasted: str, value: float) -> bool:
+    """``pasted`` is ``value`` rounded to as many decimals as ``pasted`` shows."""
+    return float(pasted) == round(value, len(pasted.split(".")[1]))
+
+
+def test_headline_table_is_the_committed_results():
+    """Each row of the README's headline table: activation MB of compile / built-in /
+    auto / memory (= deploy) and step-time ratios of built-in / auto / memory ± noise,
+    as the committed results.json holds them."""
+    from benchmarks import report
+    rows = list(_ROW.finditer((ROOT / "README.md").read_text(encoding="utf-8")))
+    assert len(rows) == 9
+    runs = {folder: report.read(ROOT / "benchmarks" / "results" / folder / "results.json")
+            for folder in ("cpu", "cpu-unet")}
+    for row in rows:
+        model, batch = MODELS[row["model"]], int(row["batch"])
+        run = runs[FOLDER.get(model, "cpu")]
+        [cell] = [c for c in run.cells if (c.model, c.batch) == (model, batch)]
+        saved = [cell.modes[m].saved_bytes / 1e6
+                 for m in ("compile", "builtin", "pass_auto", "pass_memory", "deploy")]
+        times = [cell.modes[m].ratio for m in ("builtin", "pass_auto", "pass_memory")]
+        figures = [*saved[:4], *times, report.noise(cell)]
+        pasted_figures = _numbers(row["mb"]) + _numbers(row["times"])
+        assert len(pasted_figures) == len(figures), row[0]
+        assert all(_matches(p, v) for p, v in zip(pasted_figures, figures)), (row[0], figures)
+        assert saved[3] == saved[4], row[0]  # "memory = Deploy"

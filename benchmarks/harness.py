@@ -505,8 +505,11 @@ def warm_up_compiler(device: str, fresh_kernel_cache: bool, log: Log) -> None:
     x = torch.randn(2, 3, 8, 8, device=device)
     # With a shared kernel cache compile times are order-dependent anyway (the GPU
     # preset): one warm-up compile is enough there and saves budget.
-    kinds = [m for m in modes_for() if m.compiled and not m.noise]
-    for mode in kinds if fresh_kernel_cache else kinds[:1]:
+    kinds: dict[tuple[bool, bool, bool], Mode] = {}  # one mode per kind of compile
+    for m in modes_for():
+        if m.compiled and not m.noise:
+            kinds.setdefault((m.policy is None, m.builtin, m.deploy), m)
+    for mode in list(kinds.values()) if fresh_kernel_cache else [MODES["compile"]]:
         model, fn = mode.build(net, x)
         with _kernel_cache(fresh_kernel_cache):
             train_step(fn, model, x)

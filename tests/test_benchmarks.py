@@ -135,3 +135,11 @@ def test_block_study_auto_column_is_the_pass_decision():
     assert stem.act_over_weight >= convbn_pass.AUTO_RATIO
     assert stem.auto_action == "skip"
     assert {b.auto_action for b in found.values()} <= {"tune", "skip"}
+
+
+def test_a_failing_fresh_process_is_one_error_value():
+    """harness.spawn, the one way benchmarks start fresh processes: a worker that fails
+    gives its last stderr line as the result's error, not an exception."""
+    done = harness.spawn("benchmarks.no_such_worker", {"model": "x"})
+    assert done.result == {"error": done.stderr.strip().splitlines()[-1]}
+    assert "No module named benchmarks.no_such_worker" in done.result["error"]

@@ -192,11 +192,10 @@ def _resolve(args: argparse.Namespace) -> tuple[str, Preset]:
 
 
 def _settings(preset: Preset, px: int) -> harness.Settings:
-    return harness.Settings(device=preset.device, px=px, warmup=preset.warmup,
-                            rounds=preset.rounds, steps=preset.steps,
-                            time_per_cell=preset.time_per_cell,
-                            min_round_s=preset.min_round_s,
-                            fresh_kernel_cache=preset.fresh_kernel_cache)
+    """The harness settings of this preset's cells at image side ``px``."""
+    shared = {f.name: getattr(preset, f.name) for f in dataclasses.fields(harness.Settings)
+              if hasattr(preset, f.name)}
+    return harness.Settings(**shared, px=px)
 
 
 def _save(results: RunResult, out: pathlib.Path) -> None:

@@ -128,6 +128,21 @@ def forward(conv.weight, conv.bias, x, bn.running_mean, bn.running_var):
     return (out,)
 """)
 
+    def test_conv2d_instance_norm(self):
+        # InstanceNorm with running statistics, in eval mode: the same terms as BatchNorm.
+        self.assertExpectedInline(
+            rewritten(nn.Conv2d(4, 6, 3, padding=1),
+                      nn.InstanceNorm2d(6, affine=True, track_running_stats=True),
+                      (2, 4, 8, 8)), """\
+def forward(conv.weight, conv.bias, x, bn.running_mean, bn.running_var, bn.weight, bn.bias):
+    bn_scale = algebra.bn_scale(bn.running_var, bn.weight, 1e-05)  # recompute
+    scale_weight = algebra.scale_weight(conv.weight, bn_scale)  # recompute
+    fuse_bias = algebra.fuse_bias(conv.bias, bn.running_mean, bn_scale, bn.bias, conv.weight)  # recompute
+    y = F.conv2d(x, scale_weight, fuse_bias, (1, 1), (1, 1), (1, 1), 1)
+    out = torch.relu(y)
+    return (out,)
+""")
+
     def test_multi_user_conv_is_left_alone(self):
         self.assertExpectedInline(
             rewritten(nn.Conv2d(4, 6, 3), nn.BatchNorm2d(6), (2, 4, 8, 8), reuse=True), """\

@@ -63,18 +63,19 @@ def apply(gm: fx.GraphModule, example_inputs: Sequence[Any] | None = None, *,
 
 def _guard_module_modes(gm: fx.GraphModule, decided: list[Decision]) -> None:
     tuned = [d.bn for d in decided if d.tuned]
-    modules = [m for m in (_get(gm, path) for path in tuned)
-               if m is not None and norm_module_form(m) is not None]
-    if not modules:
+    rows = [(m, row) for m in (_get(gm, path) for path in tuned)
+            if m is not None and (row := norm_module_form(m)) is not None]
+    if not rows:
         return
 
     def check(module: torch.nn.Module, args: Any) -> None:
-        for bn in modules:
-            if bn.training:
+        for norm, row in rows:
+            assert row.module_batch_stats is not None
+            if row.module_batch_stats(norm):
                 raise RuntimeError(
-                    "convbn_pass.apply() rewrote this graph while its BatchNorm modules "
-                    "were in eval mode; one is now in training mode. Trace and apply "
-                    "again, or switch the BatchNorm back with .eval().")
+                    "convbn_pass.apply() rewrote this graph while its norm modules used "
+                    f"running statistics; {type(norm).__name__} now uses batch statistics "
+                    "(training mode). Trace and apply again, or switch it back with .eval().")
 
     gm.register_forward_pre_hook(check)
 

@@ -1,7 +1,8 @@
 """Find Conv→BatchNorm candidates in an FX graph, in every form the graph may hold.
 
 A *candidate* is a normalisation node whose input is produced by a conv,
-transposed conv or linear node: a BatchNorm, or a per-channel affine
+transposed conv or linear node: a BatchNorm, an InstanceNorm (foldable when it
+uses running statistics), or a per-channel affine
 ``conv(x) * scale + shift`` (what a FrozenBatchNorm2d becomes once traced; the
 same algebra with nothing to train). Which calls and modules count is the rows
 of ``forms.py``; this module reads a node through its row once, into named
@@ -26,7 +27,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .forms import (ADD_METHODS, ADD_OPS, AFFINE, MUL_METHODS, MUL_OPS, ConvForm, Follow,
-                    NormForm, bind, conv_form, conv_module_form, follow_kind, norm_form,
+                    NormForm, conv_form, conv_module_form, follow_kind, norm_form,
                     norm_module_form)
 from .records import Reason
 
@@ -61,7 +62,7 @@ class NormSite:
     node: fx.Node                  # the node that consumes the conv output
     form: NormForm
     tensors: dict[str, TensorArg]  # by the names of ``form.tensors``
-    training: Any = False          # bool, or a node
+    batch_stats: Any = False       # normalises with batch statistics: bool, or the flag's node
     eps: float = 0.0
     module: nn.Module | None = None
     # The node whose value the block yields, when not ``node`` itself: the getitem(0)
@@ -78,7 +79,7 @@ class Candidate:
     conv_path: str           # module path, "layer1.0.conv1", or the node name
     bn_path: str
     op: str                  # the conv's kind: "conv2d", "conv_transpose2d", "linear", …
-    norm: str                # the normalisation's form: "batch_norm" or "affine"
+    norm: str                # the normalisation's form: "batch_norm", "instance_norm", "affine"
     reject: Reason | None    # why it may not be rewritten, or None
     detail: str              # the sentence for reject, with specifics
     # Both sites are read when the pair could be; a rewrite needs them.
@@ -241,32 +242,35 @@ def _tuple_output(node: fx.Node, index: int) -> fx.Node | Reason:
     return wanted[0]
 
 
-def _read_norm(node: fx.Node, gm: torch.nn.Module | None) -> NormSite | Reason | None:
-    """A NormSite, None if ``node`` is not a BatchNorm, or a reject reason."""
+def _read_norm(node: fx.Node, gm: torch.nn.Module | None
+               ) -> tuple[NormForm, NormSite | Reason] | None:
+    """None if ``node`` is no normalisation a row reads, else its row and either a
+    NormSite or a reject reason."""
     if node.op == "call_function":
         form = norm_form(node.target)
         if form is None:
             return None
-        a = bind(node.args, node.kwargs, form.params)
+        a = form.bind(node.args, node.kwargs)
         output = None
         if form.output_index is not None:
             found = _tuple_output(node, form.output_index)
             if isinstance(found, Reason):
-                return found
+                return form, found
             output = found
-        return NormSite(node, form, {name: a[name] for name in form.tensors},
-                        a["training"] if form.trainable_mode else False, a["eps"],
-                        output=output)
+        return form, NormSite(node, form, {name: a[name] for name in form.tensors},
+                              form.batch_stats(a), a["eps"], output=output)
     module = _module_of(node, gm)
     form = None if module is None else norm_module_form(module)
     if module is None or form is None:
         return None
     if type(module).forward not in form.forwards:
-        return Reason.CUSTOM_FORWARD
+        return form, Reason.CUSTOM_FORWARD
     path = str(node.target)
     tensors = {name: f"{path}.{name}" if getattr(module, name, None) is not None else None
                for name in form.tensors}
-    return NormSite(node, form, tensors, module.training, module.eps, module)
+    assert form.module_batch_stats is not None
+    return form, NormSite(node, form, tensors, form.module_batch_stats(module), module.eps,
+                          module)
 
 
 def _is(node: fx.Node, ops: tuple[Any, ...], methods: tuple[str, ...]) -> bool:
@@ -320,7 +324,7 @@ def _read_conv(node: fx.Node, gm: torch.nn.Module | None) -> ConvSite | Reason |
         form = conv_form(node.target)
         if form is None:
             return None
-        a = bind(node.args, node.kwargs, form.params)
+        a = form.bind(node.args, node.kwargs)
         transposed = form.is_transposed(a)
         if isinstance(transposed, fx.Node):
             return Reason.SHAPE_UNKNOWN
@@ -361,10 +365,11 @@ def _check(conv: ConvSite, bn: NormSite, gm: torch.nn.Module | None,
     form = bn.form
     if any(bn.tensors.get(name) is None for name in form.required):
         return Reason.NO_RUNNING_STATS, Reason.NO_RUNNING_STATS.sentence
-    if isinstance(bn.training, fx.Node):
-        return Reason.TRAINING_NOT_CONSTANT, Reason.TRAINING_NOT_CONSTANT.sentence
-    if bn.training:
-        return Reason.BN_TRAINING, Reason.BN_TRAINING.sentence
+    if isinstance(bn.batch_stats, fx.Node):
+        return Reason.TRAINING_NOT_CONSTANT, (f"{Reason.TRAINING_NOT_CONSTANT.sentence} "
+                                              f"({form.name}: {form.stats_flag})")
+    if bn.batch_stats:
+        return form.batch_reason, form.batch_reason.sentence
     other = [u.name for u in conv.node.users if u is not bn.node]
     if other:
         return Reason.CONV_MULTI_USER, f"{Reason.CONV_MULTI_USER.sentence} ({', '.join(other)})"
@@ -395,17 +400,18 @@ def find_candidates(graph: fx.Graph) -> list[Candidate]:
     gm = graph.owning_module
     found: list[Candidate] = []
     for node in graph.nodes:
-        bn: NormSite | Reason | None = _read_norm(node, gm)
-        if bn is not None:
+        bn: NormSite | Reason
+        if (read := _read_norm(node, gm)) is not None:
+            form, bn = read
             source = node.args[0] if node.args else node.kwargs.get("input")
         elif (affine := _read_affine(node, gm)) is not None:
-            source, bn = affine
+            (source, bn), form = affine, AFFINE
         else:
             continue
         if not isinstance(source, fx.Node):
             continue
         paths = module_path(source), module_path(node)
-        norm = bn.form.name if isinstance(bn, NormSite) else _BATCH_NORM
+        norm = form.name
         split_op = _split_source_op(source)
         if split_op is not None and not isinstance(bn, Reason):
             found.append(Candidate(*paths, split_op, norm, Reason.SPLIT_GRAPH,
@@ -444,10 +450,6 @@ def _split_source_op(node: fx.Node) -> str | None:
     producer = node.meta["source_fn_stack"][-1][1]
     form = conv_module_form(producer) if isinstance(producer, type) else conv_form(producer)
     return form.name if form is not None else None
-
-
-# The form name of a BatchNorm that could not be read (a reject found while reading it).
-_BATCH_NORM = "batch_norm"
 
 
 def _op_name(node: fx.Node, gm: torch.nn.Module | None) -> str:

@@ -52,6 +52,7 @@ class Action(_Key):
 class Reason(_Key):
     TUNED = "tuned"
     BN_TRAINING = "bn_training"
+    INPUT_STATS = "input_stats"
     TRAINING_NOT_CONSTANT = "training_not_constant"
     NO_RUNNING_STATS = "no_running_stats"
     CONV_MULTI_USER = "conv_multi_user"
@@ -72,8 +73,11 @@ class Reason(_Key):
 _SENTENCES: dict[Reason, str] = {
     Reason.TUNED: "rewritten in Tune mode",
     Reason.BN_TRAINING: "BatchNorm runs in training mode (batch statistics)",
-    Reason.TRAINING_NOT_CONSTANT: "BatchNorm's training flag is not a constant in the graph",
-    Reason.NO_RUNNING_STATS: "BatchNorm has no running statistics",
+    Reason.INPUT_STATS: "InstanceNorm normalises each sample by its own statistics "
+    "(use_input_stats: its default, training mode, or track_running_stats=False)",
+    Reason.TRAINING_NOT_CONSTANT: "the norm's statistics flag (BatchNorm's training, "
+    "InstanceNorm's use_input_stats) is not a constant in the graph",
+    Reason.NO_RUNNING_STATS: "the BatchNorm or InstanceNorm has no running statistics",
     Reason.CONV_MULTI_USER: "the conv output has users other than the BatchNorm",
     Reason.BN_EXTRA_OUTPUTS: "the BatchNorm's saved mean/invstd outputs are used",
     Reason.LINEAR_AXIS: "linear acts on the last axis but BatchNorm1d normalises axis 1 "
@@ -103,7 +107,7 @@ class Decision:
     detail: str                 # one sentence for people
     weight_numel: int | None    # elements of the conv weight
     activation_numel: int | None  # elements of the conv output, for the traced batch
-    norm: str = "batch_norm"    # the normalisation's form: "batch_norm", or "affine" (frozen BN)
+    norm: str = "batch_norm"    # the normalisation's form: "batch_norm", "instance_norm", "affine"
     compile_id: str | None = None  # Dynamo's "frame/compile[_attempt]" ("0/0", "0/0_1"), if any
 
     @property

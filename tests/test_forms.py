@@ -144,13 +144,22 @@ class PlainBN(nn.BatchNorm2d):
 
 
 class TransposeOutputSize(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, style: str = "keyword") -> None:
         super().__init__()
+        self.style = style
         self.up = nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1)
         self.bn = nn.BatchNorm2d(6)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn(self.up(x, output_size=[14, 12]))
+        if self.style == "keyword":
+            return self.bn(self.up(x, output_size=[14, 12]))
+        if self.style == "positional":
+            return self.bn(self.up(x, [14, 12]))
+        if self.style == "none":  # the same call as self.up(x)
+            return self.bn(self.up(x, output_size=None))
+        if self.style == "input_keyword":
+            return self.bn(self.up(input=x))
+        raise AssertionError(self.style)
 
 
 class FunctionalTranspose(nn.Module):
@@ -293,6 +302,11 @@ def test_fx_module_kinds(kind):
     pytest.param(MultiUser(), 0, {"conv_multi_user": 1}, id="conv-multi-user"),
     pytest.param(TransposeOutputSize(), 0, {"output_size": 1},
                  id="conv_transpose2d-output_size"),
+    pytest.param(TransposeOutputSize("positional"), 0, {"output_size": 1},
+                 id="conv_transpose2d-output_size-positional"),
+    pytest.param(TransposeOutputSize("none"), 1, {}, id="conv_transpose2d-output_size-None"),
+    pytest.param(TransposeOutputSize("input_keyword"), 1, {},
+                 id="conv_transpose2d-input-by-keyword"),
     pytest.param(Functional("kwargs"), 1, {}, id="functional-kwargs"),
     pytest.param(Functional("torch_batch_norm"), 1, {}, id="torch.batch_norm-aten-order"),
     pytest.param(seq(nn.Conv2d(4, 6, 3), inorm(2)), 1, {}, id="conv2d-instance_norm2d"),
@@ -479,7 +493,8 @@ def _transposed_from_input(g, t):
     pytest.param(_conv_groups_from_input, "the conv's groups is not a constant",
                  id="groups-computed"),
     pytest.param(_weight_without_shape, "(weight or running_mean)", id="weight-shape-unrecorded"),
-    pytest.param(_transposed_from_input, "shapes are not recorded",
+    pytest.param(_transposed_from_input,
+                 "(convolution's transposed flag is not a constant in the graph)",
                  id="convolution-transposed-computed"),
 ])
 def test_guard_shape_unknown_causes(build, detail):
@@ -487,6 +502,35 @@ def test_guard_shape_unknown_causes(build, detail):
     hand-built graph."""
     (decision,) = convbn_pass.apply(_graph(build), policy="memory")
     assert decision.reason == "shape_unknown" and detail in decision.detail
+
+
+def _module_graph(conv: nn.Module, *extra: object, **kwargs: object) -> fx.GraphModule:
+    """``bn(conv(x, *extra, **kwargs))`` as module calls: a graph eager could not run
+    when the conv's forward takes no such argument."""
+    root = seq(conv, nn.BatchNorm2d(6)).double()
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    y = graph.call_module("0", (x, *extra), kwargs)
+    graph.output(graph.call_module("1", (y,)))
+    return fx.GraphModule(root, graph)
+
+
+@pytest.mark.parametrize("gm,reason", [
+    pytest.param(_module_graph(nn.ConvTranspose2d(4, 6, 3), output_size=[9, 8]), "output_size",
+                 id="conv_transpose-output_size"),
+    pytest.param(_module_graph(nn.Conv2d(4, 6, 3), [9, 8]), "module_call_args",
+                 id="conv-extra-positional"),
+    pytest.param(_module_graph(nn.Conv2d(4, 6, 3), output_size=[9, 8]), "module_call_args",
+                 id="conv-output_size-keyword"),
+    pytest.param(_module_graph(nn.ConvTranspose2d(4, 6, 3), scale=2), "module_call_args",
+                 id="conv_transpose-unknown-keyword"),
+])
+def test_guard_module_call_args(gm, reason):
+    """Only a ConvTranspose's output_size is output_size; any other argument the
+    module's forward does not take is module_call_args."""
+    (decision,) = convbn_pass.apply(gm, policy="memory")
+    assert decision.reason == reason
+    assert decision.detail.startswith(convbn_pass.REASONS[reason])
 
 
 def test_guard_training_not_constant():

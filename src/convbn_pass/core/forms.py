@@ -21,11 +21,25 @@ batch statistics (``training`` for BatchNorm, ``use_input_stats`` for
 InstanceNorm, whose default is True), so a call that leaves the flag out is read
 as the op would run it; the skip reason for batch statistics is the row's too.
 
-Example, a new BatchNorm op in aten graphs (this is how
-``aten.native_batch_norm`` was added: one row, plus its tests)::
+Example: ``aten.native_batch_norm`` (what make_fx graphs hold) was added as one
+row of :data:`NORM_FORMS`, plus its tests; a row reads a call's arguments by name,
+the op's own defaults filled in::
 
-    NormForm("batch_norm", _T_BN[:8], targets=(aten.native_batch_norm.default,),
-             output_index=0, terms=_batch_norm_terms)
+    >>> row = _bn_row(_T_BN[:8], aten.native_batch_norm.default, output_index=0)
+    >>> norm_form(aten.native_batch_norm.default) == row
+    True
+    >>> bound = row.bind(("y", "γ", "β", "μ̂", "σ̂²", False, 0.1, 1e-5), {})
+    >>> bound["running_mean"], row.batch_stats(bound), bound["eps"]
+    ('μ̂', False, 1e-05)
+
+``F.instance_norm`` takes BatchNorm's order, but a call that leaves its flag out
+normalises with batch statistics, and its row says so::
+
+    >>> instance = norm_form(F.instance_norm)
+    >>> instance.batch_stats(instance.bind(("y", "μ̂", "σ̂²"), {}))
+    True
+    >>> instance.batch_stats(instance.bind(("y", "μ̂", "σ̂²"), {"use_input_stats": False}))
+    False
 """
 
 from __future__ import annotations

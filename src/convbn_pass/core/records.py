@@ -62,6 +62,7 @@ class Reason(_Key):
     CHANNEL_MISMATCH = "channel_mismatch"
     CUSTOM_FORWARD = "custom_forward"
     OUTPUT_SIZE = "output_size"
+    MODULE_CALL_ARGS = "module_call_args"
     SPLIT_GRAPH = "split_graph"
     POLICY_EVAL = "policy_eval"
 
@@ -86,6 +87,8 @@ _SENTENCES: dict[Reason, str] = {
     Reason.CHANNEL_MISMATCH: "conv output channels differ from BatchNorm's",
     Reason.CUSTOM_FORWARD: "a module subclass overrides forward",
     Reason.OUTPUT_SIZE: "ConvTranspose called with output_size",
+    Reason.MODULE_CALL_ARGS: "the conv/linear module is called with arguments its forward "
+    "does not take",
     Reason.SPLIT_GRAPH: "the conv is in another graph: DDP's bucket split (or a graph break) "
     "separates it from its BatchNorm",
     Reason.POLICY_EVAL: "the policy keeps this block in Eval mode",

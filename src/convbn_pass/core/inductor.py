@@ -125,41 +125,52 @@ class ConvBNPass(CustomGraphPass):
         return f"ConvBNPass(policy={self.policy!r}, ratio={self.ratio!r}, before={self.before!r})"
 
 
+def _cache_hits() -> int:
+    """Compiles served so far by AOTAutograd's cache or Inductor's FX graph cache."""
+    return int(counters["aot_autograd"]["autograd_cache_hit"]
+               + counters["inductor"]["fxgraph_cache_hit"])
+
+
 class _CacheWatch:
     """Says so when a compile that carries the pass is served from AOTAutograd's or
     Inductor's FX graph cache: the cached code is the rewritten one, but the pass
     does not run, so no decision is recorded. Counted as
     ``counters["convbn_pass"]["served_from_cache"]`` and warned about once.
 
-    Inductor asks a pass for its ``uuid()`` only to key a cache, and runs the pass
-    in the same compile unless a cache serves it: a Dynamo compile in which
-    ``uuid()`` was asked for and the pass never ran was served from a cache."""
+    A compile counts when Dynamo traced a frame (pre-grad passes run only there;
+    AOTAutograd's backward, compiled lazily at the first ``.backward()``, also asks
+    for the pass's ``uuid()`` to key its graph but never runs a pre-grad pass), the
+    pass's ``uuid()`` was asked for (Inductor asks only to key a cache), the pass
+    did not run, and a cache reported a hit."""
 
     def __init__(self) -> None:
         self.lookups = self.runs = 0
         self.warned = False
-        self._at_start = (0, 0)
+        self._at_start = (0, 0, 0)
 
     def install(self) -> None:
         compat.on_compile(self.start, self.end)
 
     def start(self, *args: Any) -> None:
-        self._at_start = (self.lookups, self.runs)
+        self._at_start = (self.lookups, self.runs, _cache_hits())
 
     def end(self, *args: Any) -> None:
-        lookups, runs = self._at_start
-        if self.lookups > lookups and self.runs == runs:
-            counters[COUNTER]["served_from_cache"] += 1
-            if not self.warned:
-                self.warned = True
-                warnings.warn(
-                    "convbn_pass: a compile was served from Inductor's cache (AOTAutograd or "
-                    "FX graph cache): its code is the rewritten one from an earlier run, but "
-                    "the pass did not run now, so convbn_pass.decisions() and "
-                    "counters['convbn_pass'] do not list its blocks (counted as "
-                    "'served_from_cache'). Compile with fx_graph_cache=False in the options "
-                    "(and torch._functorch.config.enable_autograd_cache=False) to see them.",
-                    stacklevel=1)
+        lookups, runs, hits = self._at_start
+        served = (compat.is_dynamo_compile(*args) and self.lookups > lookups
+                  and self.runs == runs and _cache_hits() > hits)
+        if not served:
+            return
+        counters[COUNTER]["served_from_cache"] += 1
+        if not self.warned:
+            self.warned = True
+            warnings.warn(
+                "convbn_pass: a compile was served from Inductor's cache (AOTAutograd or "
+                "FX graph cache): its code is the rewritten one from an earlier run, but "
+                "the pass did not run now, so convbn_pass.decisions() and "
+                "counters['convbn_pass'] do not list its blocks (counted as "
+                "'served_from_cache'). Compile with fx_graph_cache=False in the options "
+                "(and torch._functorch.config.enable_autograd_cache=False) to see them.",
+                stacklevel=1)
 
 
 _cache_watch = _CacheWatch()

@@ -17,6 +17,7 @@ is no longer kept for backward.
 
 from __future__ import annotations
 
+import importlib
 from typing import Any, Sequence
 
 import torch
@@ -36,6 +37,22 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+# The tools beside the pass, importable as attributes (``convbn_pass.backends.light``)
+# without ``import convbn_pass.backends`` first, and loaded only when first used:
+# backends alone adds about 0.7 s to ``import convbn_pass`` (functorch.compile).
+_SUBMODULES = ("backends", "deploy", "inspect", "memory", "models", "printing", "regions",
+               "report", "step", "zoo")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_SUBMODULES})
 
 
 def apply(gm: fx.GraphModule, example_inputs: Sequence[Any] | None = None, *,

@@ -14,7 +14,7 @@ from convbn_pass import backends, zoo
 from convbn_pass.printing import format_graph
 
 
-class Pair(nn.Module):
+class Block(nn.Module):
     """``relu(bn(conv(x)))``; with ``reuse`` the conv output is also added back."""
 
     def __init__(self, conv: nn.Module, bn: nn.Module, reuse: bool = False) -> None:
@@ -31,7 +31,7 @@ def rewritten(conv: nn.Module, bn: nn.Module, x_shape: tuple[int, ...],
               reuse: bool = False, policy: str = "memory",
               autocast: torch.dtype | None = None) -> str:
     """The Dynamo graph of ``relu(bn(conv(x)))`` after the pass, normalised."""
-    return _dynamo_graph(zoo.randomize_bn(Pair(conv, bn, reuse)).eval(), x_shape, policy,
+    return _dynamo_graph(zoo.randomize_bn(Block(conv, bn, reuse)).eval(), x_shape, policy,
                          autocast)
 
 

@@ -19,11 +19,12 @@ import dataclasses
 import enum
 import itertools
 import threading
+from typing import Iterable, Protocol
 
 from torch._dynamo.utils import counters
 
-__all__ = ["Action", "Reason", "REASONS", "Decision", "decisions", "clear_decisions",
-           "COUNTER", "LOG_SIZE"]
+__all__ = ["Action", "Reason", "REASONS", "Decision", "Tally", "tally", "decisions",
+           "clear_decisions", "COUNTER", "LOG_SIZE"]
 
 COUNTER = "convbn_pass"  # torch._dynamo.utils.counters[COUNTER][key]
 LOG_SIZE = 10_000        # decisions kept by decisions(); older ones are dropped
@@ -120,6 +121,38 @@ class Decision:
     @property
     def counter_key(self) -> str:
         return "tuned" if self.tuned else f"skipped_{self.reason}"
+
+
+class Decided(Protocol):
+    """Anything that records one decision: a :class:`Decision`, or a row made from one."""
+
+    @property
+    def action(self) -> Action: ...
+
+    @property
+    def reason(self) -> Reason: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Tally:
+    """A set of decisions counted: what ``inspect``'s totals, the benchmarks and the
+    zoo tests report, from this one function (:func:`tally`)."""
+
+    candidates: int                   # decisions counted: one per candidate pair
+    tuned: int                        # rewritten, either way
+    tuned_keep_weight: int            # of ``tuned``, those keeping W′ for backward
+    skipped: int                      # left in Eval mode: candidates - tuned
+    skipped_by_reason: dict[str, int]  # the skipped by reason key (``REASONS``), key order
+
+
+def tally(decided: Iterable[Decided]) -> Tally:
+    """Count decisions (:class:`Decision` or any record with ``action`` and
+    ``reason``), e.g. ``tally(d for r in rewrites for d in r.decisions)``."""
+    rows = list(decided)
+    skipped = collections.Counter(str(d.reason) for d in rows if not d.action.tuned)
+    return Tally(len(rows), sum(d.action.tuned for d in rows),
+                 sum(d.action is Action.TUNE_KEEP_WEIGHT for d in rows),
+                 sum(skipped.values()), dict(sorted(skipped.items())))
 
 
 _lock = threading.Lock()

@@ -7,6 +7,7 @@ counters) and numbers (float64 output and gradients against eager).
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import operator
 
@@ -621,6 +622,26 @@ def test_norm_row_defaults_are_the_ops(row, target):
         assert not row.defaults  # builtins such as torch.batch_norm take every argument
     else:
         assert dict(row.defaults) == declared
+
+
+_F_BN_ROW, _F_IN_ROW = forms.norm_form(F.batch_norm), forms.norm_form(F.instance_norm)
+
+
+@pytest.mark.parametrize("row,args,kwargs,batch", [
+    pytest.param(_F_BN_ROW, ("y", "μ", "σ²"), {}, False, id="F.batch_norm-default"),
+    pytest.param(_F_BN_ROW, ("y", "μ", "σ²"), {"training": True}, True,
+                 id="F.batch_norm-training"),
+    pytest.param(_F_IN_ROW, ("y", "μ", "σ²"), {}, True, id="F.instance_norm-default"),
+    pytest.param(_F_IN_ROW, ("y", "μ", "σ²", None, None, False), {}, False,
+                 id="F.instance_norm-running"),
+    pytest.param(forms.norm_form(torch.ops.aten._native_batch_norm_legit_no_training.default),
+                 ("y", "γ", "β", "μ", "σ²", 0.1, 1e-5), {}, False, id="no-flag"),
+    # A row whose flag, set, means running statistics.
+    pytest.param(dataclasses.replace(_F_BN_ROW, flag_means_batch=False), ("y", "μ", "σ²"),
+                 {"training": True}, False, id="flag-means-running"),
+])
+def test_norm_row_batch_stats(row, args, kwargs, batch):
+    assert row.batch_stats(row.bind(args, kwargs)) is batch
 
 
 @pytest.mark.parametrize("row,target", [

@@ -276,10 +276,11 @@ def enable(policy: str = "auto", *, ratio: float = AUTO_RATIO) -> None:
     if not is_enabled() and stale > 0:
         warnings.warn(
             f"convbn_pass.enable(): {stale} graph(s) were already compiled in this "
-            "process without the pass since Dynamo was last reset, and Dynamo reuses a compiled graph for every new "
-            "instance of the same model class, so the pass may not run on it. Compile "
-            "with torch.compile(model, options=convbn_pass.options()) instead, or call "
-            "torch._dynamo.reset() before compiling.",
+            "process without the pass since Dynamo was last reset, and Dynamo reuses a "
+            "compiled graph for every new instance of the same model class, so the pass "
+            "may not run on it. Compile with torch.compile(model, "
+            "options=convbn_pass.options()) instead, or call torch._dynamo.reset() "
+            "before compiling.",
             stacklevel=2,
         )
     inductor_config.pre_grad_custom_pass = new

@@ -27,6 +27,7 @@ import convbn_pass
 from convbn_pass import inspect as cli
 from convbn_pass import report as report_module
 from convbn_pass import zoo
+from convbn_pass.core.records import Tally, tally
 
 # resnet_tiny (12 conv-BN pairs) at its own input, batch 4 at 32x32: a few seconds a compile.
 TINY = ["resnet_tiny", "--quiet"]
@@ -235,6 +236,28 @@ def test_json_fields_are_the_compilers_records() -> None:
     assert after.count("# recompute") == 3 * totals["tuned"]
     assert set(report["timings_s"]) == {"compile_without_pass", "measure_without_pass",
                                         "compile_with_pass", "measure_with_pass"}
+
+
+def _decision(action: str, reason: str) -> convbn_pass.Decision:
+    return convbn_pass.Decision(1, "conv", "bn", "conv2d", convbn_pass.Action(action),
+                                convbn_pass.Reason(reason), "", None, None)
+
+
+@pytest.mark.parametrize("decided,expected", [
+    pytest.param([], Tally(0, 0, 0, 0, {}), id="none"),
+    pytest.param([("tune", "tuned"), ("tune_keep_weight", "tuned")], Tally(2, 2, 1, 0, {}),
+                 id="tuned-both-ways"),
+    pytest.param([("skip", "policy_eval"), ("tune", "tuned"), ("skip", "bn_training"),
+                  ("skip", "policy_eval")], Tally(4, 1, 0, 3, {"bn_training": 1, "policy_eval": 2}),
+                 id="skipped-by-reason-in-key-order"),
+])
+def test_tally(decided: list[tuple[str, str]], expected: Tally) -> None:
+    """The one count of decisions the report's totals, the benchmarks and the zoo
+    tests use; report rows count as their decisions do."""
+    decisions = [_decision(*d) for d in decided]
+    assert tally(decisions) == expected
+    assert list(tally(decisions).skipped_by_reason) == sorted(expected.skipped_by_reason)
+    assert tally(report_module.rows_of([decisions])) == expected
 
 
 def test_train_mode_tunes_nothing_and_says_why() -> None:

@@ -67,7 +67,7 @@ from . import backends, memory, models, regions, report
 from .core import compat
 from .core.inductor import GraphRewrite, user_passes
 from .printing import format_graph
-from .core.records import COUNTER, current_compile_id
+from .core.records import COUNTER, current_compile_id, tally
 from .step import train_step
 
 __all__ = ["main"]
@@ -326,7 +326,7 @@ def _report(args: argparse.Namespace, model: models.Model, x: torch.Tensor, base
     kept = tuned.kept
     show_before = args.graphs in ("before", "both")
     show_after = args.graphs in ("after", "both")
-    pairs = report.pairs_of([r.decisions for r in kept])
+    pairs = report.rows_of([r.decisions for r in kept])
     return report.Report(
         schema_version=report.SCHEMA_VERSION,
         model=report.ModelInfo(model.spec, model.source, model.about),
@@ -337,7 +337,7 @@ def _report(args: argparse.Namespace, model: models.Model, x: torch.Tensor, base
         compiles=report.Compiles(sum(_kept(baseline.seen.graphs)), len(kept),
                                  len(tuned.seen.rewrites) - len(kept)),
         pairs=pairs,
-        totals=report.Totals.of(pairs),
+        totals=tally(pairs),
         counters=tuned.counters,
         memory=report.Memory.of(args.backend, baseline.saved_bytes, tuned.saved_bytes),
         graphs=report.Graphs([format_graph(r.before) for r in kept] if show_before else None,

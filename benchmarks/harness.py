@@ -44,10 +44,10 @@ from torch._dynamo.utils import counters
 
 import convbn_pass
 from convbn_pass import backends, deploy, memory, models, zoo
-from convbn_pass.core.records import COUNTER
+from convbn_pass.core.records import COUNTER, tally
 from convbn_pass.step import backward, train_step
 
-from .records import CellResult, LightCell, ModeResult, PairDecision, RssResult
+from .records import CellResult, LightCell, ModeResult, SavedDecision, RssResult
 
 __all__ = ["Mode", "MODES", "DEFAULT_MODES", "modes_for", "Settings", "Budget", "load_model",
            "setup", "measure_cell", "measure_module", "light_cell", "peak_rss_worker",
@@ -268,28 +268,18 @@ def _counts() -> _Counts:
                    int(counters["inductor"][BUILTIN_COUNTER]))
 
 
-def _tally(decisions: Sequence[convbn_pass.Decision]) -> dict[str, Any]:
-    """Candidates, tuned pairs, those keeping W′, and skipped ones by reason: the
-    ``ModeResult`` fields of a mode's decisions."""
-    skipped: dict[str, int] = {}
-    for d in decisions:
-        if not d.tuned:
-            skipped[str(d.reason)] = skipped.get(str(d.reason), 0) + 1
-    return {"candidates": len(decisions), "tuned": sum(d.tuned for d in decisions),
-            "tuned_keep_weight": sum(d.action is convbn_pass.Action.TUNE_KEEP_WEIGHT
-                                     for d in decisions),
-            "skipped": skipped}
-
-
 def _decided(mode: Mode, rewrites: list[convbn_pass.GraphRewrite]) -> dict[str, Any]:
-    """``ModeResult`` fields from the graphs a mode's ``on_graph`` received: the tally
-    and, for a mode with the pass, every decision."""
+    """``ModeResult`` fields from the graphs a mode's ``on_graph`` received: the pass's
+    tally (``convbn_pass.core.records.tally``) and every decision."""
     if mode.policy is None:
         return {}
     decisions = [d for rewrite in rewrites for d in rewrite.decisions]
-    blocks = [PairDecision(d.conv, d.bn, d.op, str(d.action), str(d.reason),
-                           d.weight_numel, d.activation_numel) for d in decisions]
-    return dict(_tally(decisions), blocks=blocks)
+    counted = tally(decisions)
+    return {"candidates": counted.candidates, "tuned": counted.tuned,
+            "tuned_keep_weight": counted.tuned_keep_weight,
+            "skipped": counted.skipped_by_reason,
+            "blocks": [SavedDecision(d.conv, d.bn, d.op, str(d.action), str(d.reason),
+                                    d.weight_numel, d.activation_numel) for d in decisions]}
 
 
 # --- one cell -----------------------------------------------------------------------

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-__all__ = ["RssResult", "PairDecision", "ModeResult", "CellResult", "BlockResult",
+__all__ = ["RssResult", "SavedDecision", "ModeResult", "CellResult", "BlockResult",
            "LightCell", "RunResult", "to_json"]
 
 
@@ -52,8 +52,9 @@ class RssResult:
 
 
 @dataclasses.dataclass
-class PairDecision:
-    """convbn_pass's decision on one Conv→BN pair, as a mode's ``on_graph`` saw it."""
+class SavedDecision:
+    """convbn_pass's decision on one Conv→BN pair (a ``convbn_pass.Decision``), as results.json
+    saves it."""
 
     conv: str                                # module path of the conv ("layer1.0.conv1")
     bn: str                                  # module path of its BatchNorm
@@ -64,7 +65,7 @@ class PairDecision:
     activation_numel: int | None = None      # elements of the conv output
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> PairDecision:
+    def from_json(cls, data: dict[str, Any]) -> SavedDecision:
         return cls(**_known(cls, data))
 
 
@@ -81,7 +82,7 @@ class ModeResult:
     tuned_keep_weight: int | None = None     # of those, pairs that keep W′ for backward
     skipped: dict[str, int] | None = None    # pairs convbn_pass left in Eval mode, by reason
     builtin_rewrites: int | None = None      # counters["inductor"]["efficient_conv_bn_eval"]
-    blocks: list[PairDecision] | None = None  # convbn_pass's decisions, modes with the pass
+    blocks: list[SavedDecision] | None = None  # convbn_pass's decisions, modes with the pass
     saved_bytes: int | None = None           # activation bytes saved for backward (exact)
     weight_shaped_bytes: int | None = None   # of those, tensors shaped like a model weight
     recompiled_while_measuring: int | None = None  # graphs compiled while measuring bytes
@@ -102,7 +103,7 @@ class ModeResult:
     def from_json(cls, data: dict[str, Any]) -> ModeResult:
         fields = _known(cls, data)
         if fields.get("blocks") is not None:
-            fields["blocks"] = [PairDecision.from_json(b) for b in fields["blocks"]]
+            fields["blocks"] = [SavedDecision.from_json(b) for b in fields["blocks"]]
         if fields.get("rss") is not None:
             fields["rss"] = RssResult.from_json(fields["rss"])
         return cls(**fields)

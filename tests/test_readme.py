@@ -132,3 +132,12 @@ def test_headline_table_is_the_committed_results():
         assert len(pasted_figures) == len(figures), row[0]
         assert all(_matches(p, v) for p, v in zip(pasted_figures, figures)), (row[0], figures)
         assert saved[3] == saved[4], row[0]  # "memory = Deploy"
+
+
+def test_policies_page_lists_every_reason():
+    """docs/policies.md's table of reasons has one row per key of convbn_pass.REASONS."""
+    import convbn_pass
+    text = (ROOT / "docs" / "policies.md").read_text(encoding="utf-8")
+    table = text[text.index("| key | when |"):]
+    keys = re.findall(r"^\| `([a-z_]+)` \|", table, re.MULTILINE)
+    assert sorted(keys) == sorted(convbn_pass.REASONS)

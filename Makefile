@@ -1,5 +1,7 @@
-# Two commands on a fresh machine, each setting up what it needs first (torch's CPU
-# build where no torch is installed; an installed torch is used as it is):
+# Two commands on a fresh machine, each setting up what it needs first in the
+# environment of $(PYTHON), whatever it is (torch's CPU build where no torch is installed,
+# an installed torch used as it is; then this package, editable, with the job's extras).
+# scripts/ensure-deps says which interpreter and environment that is and what it installs:
 #
 #   make demo    the main job: fine-tune a built-in ResNet with frozen BatchNorm,
 #                compiled without and with the pass, and compare

@@ -11,8 +11,10 @@ passes over the weight, so its cost relative to a compute-bound conv goes as
 out of a model (same conv, same BatchNorm, same input shape, followed by the
 activation the model puts after that BatchNorm: ReLU6 in MobileNetV2, none after a
 projection, ReLU in the ResNets), and measures each one with the harness: modes
-``compile`` (Eval), ``pass_memory`` (Tune, W′ rebuilt), ``pass_keep_weight``
-(Tune, W′ kept) and the ``compile_twin`` noise reference.
+``compile`` (Eval), ``pass_memory`` (Tune, W′ rebuilt) and the ``compile_twin``
+noise reference. Each block's ``auto_action`` is what the ``auto`` policy does to
+that block in the whole model, the CPU activation rule included: the pass's own
+decision, read from one compile of the model through the light backend.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from convbn_pass import deploy, zoo
-from convbn_pass.core import policy
+import convbn_pass
+from convbn_pass import deploy
+from convbn_pass.step import train_step
 
 from . import harness
 from .records import BlockResult
@@ -55,11 +58,9 @@ def model_blocks(model_name: str, batch: int, px: int,
                  seed: int = 0) -> list[tuple[BlockResult, Modules]]:
     """The distinct Conv→BN blocks of a model at this batch, each as its record (not
     measured yet: input shape, sizes, how many times it occurs) and its modules."""
-    torch.manual_seed(seed)
-    model, shape = harness.load_model(model_name, px)
-    model = zoo.randomize_bn(model, seed).eval()
-    x = torch.randn(batch, *shape)
+    model, x = harness.setup(model_name, batch, px, seed=seed)
     pairs = deploy.pairs(model, x)
+    auto = _auto_actions(model, x)
     shapes: dict[str, tuple[int, ...]] = {}
     hooks = []
     for conv_path, _ in pairs:
@@ -90,9 +91,19 @@ def model_blocks(model_name: str, batch: int, px: int,
             weight_numel=conv.weight.numel(), activation_numel=out.numel(),
             # Output positions N·H·W = MACs / weight elements, for every conv kind.
             positions=out.numel() // channels, act_over_weight=ratio,
-            auto_action="tune" if ratio >= policy.AUTO_RATIO else "eval")
+            auto_action=auto.get(conv_path))
         found[key] = (record, (conv, model.get_submodule(bn_path), act))
     return list(found.values())
+
+
+def _auto_actions(model: nn.Module, x: torch.Tensor) -> dict[str, str]:
+    """The ``auto`` policy's action on each conv of the model (by module path), as the
+    pass decides it in one light-backend compile of the whole model."""
+    rewrites: list[convbn_pass.GraphRewrite] = []
+    tuned, fn = harness.MODES["pass_auto"].build(model, x, rewrites.append, light=True)
+    train_step(fn, tuned, x)
+    torch._dynamo.reset()
+    return {d.conv: str(d.action) for r in rewrites for d in r.decisions}
 
 
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.LeakyReLU, nn.Identity)

@@ -1,49 +1,42 @@
 """Measure every mode of one (model, batch) cell side by side.
 
-One *cell* is a model at one batch size and image size. Each mode gets a fresh
-deep copy of the same model (same weights, same BatchNorm statistics) and, when
-compiled, its own ``torch.compile(..., options=...)``. Dynamo reuses a compiled
-graph for a second instance of the same model class when the backend is the
-same, whatever the global config says: two copies compiled with the pass enabled
-through the global config after a plain compile gave 0 rewrites and identical
-saved bytes. ``torch.compile(model, options={...})`` makes a distinct backend,
-which rewrote all 20 pairs of a ResNet-18 in the same process. After each
-compile the harness checks that the mode really compiled a graph of its own and
+One *cell* is a model at one batch size and image size (:func:`setup`). Each
+mode builds its own model from the same base (:meth:`Mode.build`: a deep copy,
+or BatchNorm folded once for Deploy mode, same weights and statistics) and,
+when compiled, its own ``torch.compile(..., options=...)``. Dynamo reuses a
+compiled graph for a second instance of the same model class when the backend
+is the same, whatever the global config says: two copies compiled with the pass
+enabled through the global config after a plain compile gave 0 rewrites and
+identical saved bytes. ``torch.compile(model, options={...})`` makes a distinct
+backend, which rewrote all 20 pairs of a ResNet-18 in the same process. After
+each compile the harness checks that the mode compiled a graph of its own and
 that the rewrite it stands for fired (``checks`` in the results); the pass's
 decisions come from the ``on_graph`` callback in that mode's own options.
 
-Results are the typed records of ``records.py``.
-
-Figures per mode:
-
-- ``saved_bytes``: activation bytes kept for backward (convbn_pass.memory), exact;
-- ``median_s``: median training-step time (forward + backward, BatchNorm in eval
-  mode), modes interleaved round-robin, the order rotated every round;
-- ``ratio``: per-round time relative to ``compile`` (median and quartiles);
-  ``compile_twin`` is a second instance of the baseline and its ratio is the noise;
-- ``first_s`` / ``compile_s``: the first call (Dynamo + AOTAutograd + Inductor,
-  forward and backward) and that minus a steady step;
-- ``tuned`` / ``builtin_rewrites``: the pass's tuned pairs (its ``on_graph``) and
-  the built-in pass's rewrites (PyTorch's counter) in this mode's compile;
-- ``peak_bytes`` (CUDA only): allocator peak of one step above what was allocated
-  before it. On CPU, peak RSS comes from ``peak_rss`` in a fresh process.
+The modes are one table, :data:`MODES`, in the order they are compiled in (the
+ones the targets need first); every policy of ``convbn_pass.POLICIES`` is a
+``pass_<policy>`` mode of it. Results are the typed records of ``records.py``;
+what each figure means is in benchmarks/README.md.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import copy
 import dataclasses
 import gc
+import json
 import math
 import os
+import pathlib
 import resource
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
-from typing import Any, Callable, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
@@ -51,18 +44,22 @@ from torch._dynamo.utils import counters
 
 import convbn_pass
 from convbn_pass import backends, deploy, memory, models, zoo
-from convbn_pass.core.records import COUNTER
+from convbn_pass.core.records import COUNTER, tally
 from convbn_pass.step import backward, train_step
 
-from .records import CellResult, LightCell, ModeResult, PairDecision, RssResult
+from .records import CellResult, LightCell, ModeResult, SavedDecision, RssResult
 
-__all__ = ["Mode", "MODES", "modes_for", "Settings", "Budget", "load_model", "measure_cell",
-           "measure_module", "light_cell", "peak_rss_worker", "weight_shaped_bytes",
-           "warm_up_compiler", "environment"]
+__all__ = ["Mode", "MODES", "DEFAULT_MODES", "modes_for", "Settings", "Budget", "load_model",
+           "setup", "measure_cell", "measure_module", "light_cell", "peak_rss_worker",
+           "weight_shaped_bytes", "warm_up_compiler", "environment", "cpu_seconds",
+           "spawn", "worker_main"]
 
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 BUILTIN_COUNTER = "efficient_conv_bn_eval"  # counters["inductor"][...] of PyTorch's pass
 BASE_OPTIONS: dict[str, Any] = {"fx_graph_cache": False}  # so that every pass runs every time
+DEFAULT_POLICY = next(iter(convbn_pass.POLICIES))  # what convbn_pass.options() applies
 OnGraph = Callable[[convbn_pass.GraphRewrite], None]
+Log = Callable[[str], None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,58 +70,91 @@ class Mode:
     policy: str | None = None     # convbn_pass policy, None: no convbn_pass
     builtin: bool = False         # PyTorch's efficient_conv_bn_eval pass
     deploy: bool = False          # BatchNorm folded into the conv once
-    twin: bool = False            # a second instance of the baseline: measures noise
+    twin: bool = False            # the baseline's options: Dynamo reuses its graph
+    noise: bool = False           # measures noise only: left out of byte tables and plots
+    default: bool = True          # run unless modes are named
+    extra: tuple[tuple[str, Any], ...] = ()  # further Inductor options
+    style: tuple[tuple[str, Any], ...] = ()  # matplotlib keywords for its line
 
-    def options(self, on_graph: OnGraph | None = None) -> dict[str, Any]:
+    def options(self, on_graph: OnGraph | None = None, **more: Any) -> dict[str, Any]:
         """This mode's ``torch.compile`` options; ``on_graph`` receives the pass's
         graphs and decisions. Equal dicts make equal backends, which Dynamo lets
         share graphs: only the twin is meant to share."""
-        opts = dict(BASE_OPTIONS)
-        if self.name == "compile_again":
-            opts["trace.enabled"] = False  # the default value: same code, another backend
+        opts = {**BASE_OPTIONS, **dict(self.extra), **more}
         if self.builtin:
             opts["efficient_conv_bn_eval_fx_passes"] = True
         if self.policy is not None:
             opts = convbn_pass.options(self.policy, on_graph=on_graph, **opts)
         return opts
 
+    def build(self, base: nn.Module, x: torch.Tensor, on_graph: OnGraph | None = None,
+              light: bool = False, **more: Any) -> tuple[nn.Module, Callable[..., Any]]:
+        """``(model, fn)``: this mode's own model (a copy of ``base``, or BN folded into
+        it) and what a step calls: the model, or its ``torch.compile`` with this mode's
+        options (``light``: through ``convbn_pass.backends.light`` instead of Inductor;
+        ``more``: further Inductor options)."""
+        model = (deploy.fold(base, x) if self.deploy else copy.deepcopy(base)).eval()
+        if not self.compiled:
+            return model, model
+        if light:
+            backend = _builtin_light() if self.builtin else backends.light(self.policy,
+                                                                          on_graph=on_graph)
+            return model, torch.compile(model, backend=backend, dynamic=False)
+        return model, torch.compile(model, options=self.options(on_graph, **more),
+                                    dynamic=False)
+
+
+_PASS_STYLES = [dict(color="tab:green", marker="D", ls="-"),
+                dict(color="tab:red", marker="o", ls="-", ms=8),
+                dict(color="tab:purple", marker="v", ls="--", ms=6)]
+
+
+def _pass_mode(index: int, policy: str) -> Mode:
+    style = _PASS_STYLES[index] if index < len(_PASS_STYLES) else {}
+    return Mode(f"pass_{policy}", f"torch.compile with convbn_pass, policy {policy!r}",
+                policy=policy, style=tuple(style.items()))
+
 
 def _modes() -> dict[str, Mode]:
+    """Every mode, in compile-priority order: a run whose time budget ends inside a
+    cell still has the baseline, the default policy and the floor."""
+    first, *others = [_pass_mode(i, p) for i, p in enumerate(convbn_pass.POLICIES)]
     found = [
-        Mode("eager", "eager Eval mode (no compile)", compiled=False),
-        Mode("compile", "torch.compile without a pass (the baseline)"),
+        Mode("eager", "eager Eval mode (no compile)", compiled=False,
+             style=(("color", "tab:gray"), ("marker", "s"), ("ls", ":"))),
+        Mode("compile", "torch.compile without a pass (the baseline)",
+             style=(("color", "black"), ("marker", "o"), ("ls", "-"))),
         Mode("compile_twin", "a second copy compiled with the baseline's options: "
-             "Dynamo reuses the baseline's graph; its time ratio is the noise", twin=True),
-        Mode("compile_again", "the baseline compiled a second time, on its own (a no-op "
-             "option makes its backend distinct): its compile-time ratio is the compile noise"),
+             "Dynamo reuses the baseline's graph; its time ratio is the noise",
+             twin=True, noise=True),
+        first,
         Mode("deploy", "Deploy mode: BN folded once (convbn_pass.deploy.fold), "
-             "torch.compile without a pass: the floor", deploy=True),
+             "torch.compile without a pass: the floor", deploy=True,
+             style=(("color", "tab:blue"), ("marker", "x"), ("ls", "--"), ("ms", 8))),
         Mode("builtin", "torch.compile with PyTorch's efficient_conv_bn_eval_fx_passes",
-             builtin=True),
+             builtin=True,
+             style=(("color", "tab:orange"), ("marker", "^"), ("ls", "-"), ("ms", 8))),
+        *others,
+        # A full compile that only measures noise: run when named.
+        Mode("compile_again", "the baseline compiled a second time, on its own (a no-op "
+             "option makes its backend distinct): its compile-time ratio is the compile noise",
+             noise=True, default=False, extra=(("trace.enabled", False),)),
     ]
-    found += [Mode(f"pass_{policy}", f"torch.compile with convbn_pass, policy {policy!r}",
-                   policy=policy) for policy in convbn_pass.POLICIES]
     return {mode.name: mode for mode in found}
 
 
 MODES: dict[str, Mode] = _modes()
-# The order modes are compiled in: the ones the targets need first, so that a run
-# whose time budget ends inside a cell still has the baseline, auto and the floor.
-PRIORITY = ["eager", "compile", "compile_twin", "pass_auto", "deploy", "builtin",
-            "pass_memory", "pass_keep_weight", "compile_again"]
-# compile_again costs a full compile and only measures noise: asked for by name.
-DEFAULT_MODES = [name for name in PRIORITY if name != "compile_again"]
+DEFAULT_MODES = [name for name, mode in MODES.items() if mode.default]
 
 
 def modes_for(names: Sequence[str] | None = None) -> list[Mode]:
-    """Modes by name (all by default), in compile-priority order."""
-    names = list(DEFAULT_MODES) if not names else list(names)
+    """Modes by name (the default ones when none), in compile-priority order, the
+    baseline always among them (every ratio is relative to it)."""
+    names = list(names or DEFAULT_MODES)
     unknown = [n for n in names if n not in MODES]
     if unknown:
         raise ValueError(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
-    if "compile" not in names:
-        names.append("compile")  # every ratio is relative to it
-    return [MODES[n] for n in PRIORITY if n in names]
+    return [mode for name, mode in MODES.items() if name in names or name == "compile"]
 
 
 @dataclasses.dataclass
@@ -157,10 +187,7 @@ class Budget:
         return self.left() >= estimate
 
 
-Log = Callable[[str], None]
-
-
-# --- models -------------------------------------------------------------------------
+# --- models and cells ---------------------------------------------------------------
 
 def load_model(spec: str, px: int) -> tuple[nn.Module, tuple[int, ...]]:
     """``(model, sample shape without batch)`` for what ``convbn_pass.models.load``
@@ -170,6 +197,20 @@ def load_model(spec: str, px: int) -> tuple[nn.Module, tuple[int, ...]]:
     if model.is_image:  # the harness picks the image size
         shape = (shape[0], px, px)
     return model.module, shape
+
+
+Build = Callable[[str, int], tuple[nn.Module, tuple[int, ...]]]
+
+
+def setup(model_name: str, batch: int, px: int, device: str = "cpu", seed: int = 0,
+          build: Build = load_model) -> tuple[nn.Module, torch.Tensor]:
+    """One cell's base model (BN statistics and affine randomized, eval mode, on
+    ``device``) and its input batch, the same for a given seed."""
+    torch._dynamo.reset()
+    torch.manual_seed(seed)
+    base, shape = build(model_name, px)
+    base = zoo.randomize_bn(base, seed).eval().to(device)
+    return base, torch.randn(batch, *shape, device=device)
 
 
 # --- one step -----------------------------------------------------------------------
@@ -227,22 +268,18 @@ def _counts() -> _Counts:
                    int(counters["inductor"][BUILTIN_COUNTER]))
 
 
-def _decided(rewrites: list[convbn_pass.GraphRewrite], keep: bool) -> dict[str, Any]:
-    """``ModeResult`` fields from the graphs a mode's ``on_graph`` received: tuned
-    pairs, those keeping W′, skipped ones by reason and, with ``keep``, every
-    decision."""
+def _decided(mode: Mode, rewrites: list[convbn_pass.GraphRewrite]) -> dict[str, Any]:
+    """``ModeResult`` fields from the graphs a mode's ``on_graph`` received: the pass's
+    tally (``convbn_pass.core.records.tally``) and every decision."""
+    if mode.policy is None:
+        return {}
     decisions = [d for rewrite in rewrites for d in rewrite.decisions]
-    skipped = collections.Counter(str(d.reason) for d in decisions if not d.tuned)
-    fields: dict[str, Any] = {
-        "tuned": sum(d.tuned for d in decisions),
-        "tuned_keep_weight": sum(d.action is convbn_pass.Action.TUNE_KEEP_WEIGHT
-                                 for d in decisions),
-        "skipped": dict(skipped)}
-    if keep:
-        fields["blocks"] = [PairDecision(d.conv, d.bn, d.op, str(d.action), str(d.reason),
-                                         d.weight_numel, d.activation_numel)
-                            for d in decisions]
-    return fields
+    counted = tally(decisions)
+    return {"candidates": counted.candidates, "tuned": counted.tuned,
+            "tuned_keep_weight": counted.tuned_keep_weight,
+            "skipped": counted.skipped_by_reason,
+            "blocks": [SavedDecision(d.conv, d.bn, d.op, str(d.action), str(d.reason),
+                                    d.weight_numel, d.activation_numel) for d in decisions]}
 
 
 # --- one cell -----------------------------------------------------------------------
@@ -258,13 +295,9 @@ class _Instance:
 
 def _prepare(mode: Mode, base: nn.Module, x: torch.Tensor, settings: Settings,
              log: Log) -> _Instance:
-    """Copy, fold and compile one mode, run its first step, count what fired."""
-    model = deploy.fold(base, x) if mode.deploy else copy.deepcopy(base)
-    model.eval()
-    fn: Callable[..., Any] = model
+    """Build one mode, run its first step, count what fired."""
     rewrites: list[convbn_pass.GraphRewrite] = []
-    if mode.compiled:
-        fn = torch.compile(model, options=mode.options(rewrites.append), dynamic=False)
+    model, fn = mode.build(base, x, rewrites.append)
     before = _counts()
     cpu_before = cpu_seconds()
     with _kernel_cache(settings.fresh_kernel_cache and mode.compiled and not mode.twin):
@@ -273,7 +306,7 @@ def _prepare(mode: Mode, base: nn.Module, x: torch.Tensor, settings: Settings,
     result = ModeResult(mode.name, first_s=first, first_cpu_s=cpu_seconds() - cpu_before,
                         new_graphs=after.graphs - before.graphs,
                         builtin_rewrites=after.builtin - before.builtin,
-                        **_decided(rewrites, keep=mode.policy is not None))
+                        **_decided(mode, rewrites))
     log(f"    {mode.name:<17} first call {first:6.1f} s, {result.new_graphs} new graph(s), "
         f"tuned {result.tuned}, built-in rewrites {result.builtin_rewrites}")
     return _Instance(mode, model, fn, result, after.tuned - before.tuned)
@@ -284,21 +317,17 @@ def weight_shaped_bytes(fn: Callable[..., Any], model: nn.Module, x: torch.Tenso
     convbn_pass.memory does), the bytes of tensors shaped like one of the model's
     weights: copies of weights (Inductor's channels-last layout copies) and W′ kept
     for backward. The rest is activations proper."""
-    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), x]}
     shapes = {tuple(p.shape) for p in model.parameters() if p.dim() >= 2}
-    found: dict[int, int] = {}
 
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        ptr = tensor.untyped_storage().data_ptr()
-        if ptr not in own and tuple(tensor.shape) in shapes:
-            found[ptr] = max(found.get(ptr, 0), tensor.untyped_storage().nbytes())
-        return tensor
+    class WeightShaped(memory.SavedTensors):
+        def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+            return super()._pack(tensor) if tuple(tensor.shape) in shapes else tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with WeightShaped(exclude=[*model.parameters(), *model.buffers(), x]) as saved:
         out = fn(x)
     backward(out)
     model.zero_grad(set_to_none=True)
-    return sum(found.values())
+    return saved.bytes
 
 
 def _measure_memory(inst: _Instance, x: torch.Tensor, settings: Settings) -> None:
@@ -316,7 +345,6 @@ def _measure_memory(inst: _Instance, x: torch.Tensor, settings: Settings) -> Non
         train_step(inst.fn, inst.model, x)
         torch.cuda.synchronize()
         r.peak_bytes = torch.cuda.max_memory_allocated() - before
-        r.peak_abs_bytes = torch.cuda.max_memory_allocated()
 
 
 def _checks(inst: _Instance, pairs: int | None) -> list[str]:
@@ -332,7 +360,8 @@ def _checks(inst: _Instance, pairs: int | None) -> list[str]:
     if pairs:
         if mode.builtin and not r.builtin_rewrites:
             problems.append("PyTorch's built-in pass did not fire")
-        if mode.policy in ("memory", "keep_weight") and r.tuned != pairs:
+        # Every policy but the default one tunes every pair it may.
+        if mode.policy not in (None, DEFAULT_POLICY) and r.tuned != pairs:
             problems.append(f"tuned {r.tuned} of {pairs} pairs")
     if r.recompiled_while_measuring:
         problems.append("recompiled while measuring saved bytes")
@@ -376,28 +405,19 @@ def _time_round_robin(instances: list[_Instance], x: torch.Tensor, settings: Set
         f"in {time.monotonic() - start:.0f} s")
     base = per_round["compile"]
     for inst in instances:
-        name = inst.mode.name
-        q1, med, q3 = _quartiles(steps[name])
-        ratios = [t / b for t, b in zip(per_round[name], base)]
-        r1, rmed, r3 = _quartiles(ratios)
         r = inst.result
-        # every step when there are few; else the per-round means (results stay small)
-        r.steps_s = steps[name] if len(steps[name]) <= 200 else None
-        r.round_means_s, r.rounds, r.steps_per_round = per_round[name], rounds, n_steps
-        r.median_s, r.q1_s, r.q3_s = med, q1, q3
-        r.ratio, r.ratio_q1, r.ratio_q3 = rmed, r1, r3
-        r.compile_s = None if r.first_s is None else r.first_s - med
+        r.rounds, r.steps_per_round = rounds, n_steps
+        r.q1_s, r.median_s, r.q3_s = _quartiles(steps[inst.mode.name])
+        r.ratio_q1, r.ratio, r.ratio_q3 = _quartiles(
+            [t / b for t, b in zip(per_round[inst.mode.name], base)])
+        r.compile_s = None if r.first_s is None else r.first_s - r.median_s
 
 
 def measure_cell(model_name: str, batch: int, settings: Settings, mode_list: list[Mode],
                  budget: Budget, log: Log, compile_estimate: float = 0.0) -> CellResult:
     """All modes of one cell. Modes whose compile would pass the budget are skipped
     (listed under ``skipped_modes``); what was compiled is still timed."""
-    torch._dynamo.reset()
-    torch.manual_seed(settings.seed)
-    base, shape = load_model(model_name, settings.px)
-    base = zoo.randomize_bn(base, settings.seed).eval().to(settings.device)
-    x = torch.randn(batch, *shape, device=settings.device)
+    base, x = setup(model_name, batch, settings.px, settings.device, settings.seed)
     return measure_module(CellResult(model_name, batch), base, x, settings, mode_list, budget,
                           log, compile_estimate)
 
@@ -420,7 +440,7 @@ def measure_module(cell: CellResult, base: nn.Module, x: torch.Tensor, settings:
             inst = _prepare(mode, base, x, settings, log)
             _measure_memory(inst, x, settings)
         except Exception as exc:  # one failing mode must not lose the cell (unattended runs)
-            message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            message = models.one_line(exc)
             log(f"    {mode.name:<17} FAILED: {message}")
             cell.mode_errors[mode.name] = message
             _free(settings.device)
@@ -432,8 +452,7 @@ def measure_module(cell: CellResult, base: nn.Module, x: torch.Tensor, settings:
     if not any(i.mode.name == "compile" for i in instances):
         cell.error = "the baseline was not compiled (time budget)"
         return cell
-    memory_mode = next((i for i in instances if i.mode.policy == "memory"), None)
-    cell.pairs = memory_mode.result.tuned if memory_mode is not None else None
+    cell.pairs = max((i.result.candidates or 0 for i in instances), default=0) or None
     for inst in instances:
         inst.result.checks = _checks(inst, cell.pairs)
         for problem in inst.result.checks:
@@ -454,17 +473,12 @@ def _free(device: str) -> None:
 
 
 def _cell_checks(cell: CellResult, log: Log) -> None:
-    """Modes that should differ from the baseline in saved bytes but do not."""
+    """Modes that rewrote pairs but save exactly the baseline's bytes."""
     base = cell.modes["compile"].saved_bytes
-    notes = []
-    for name in ("pass_memory", "pass_keep_weight", "builtin"):
-        r = cell.modes.get(name)
-        rewrites = r and (r.tuned or r.builtin_rewrites)
-        if r and rewrites and r.saved_bytes == base:
-            notes.append(f"{name} rewrote {rewrites} pair(s) but saves exactly the "
-                         "baseline's bytes")
-    cell.notes = notes
-    for note in notes:
+    cell.notes = [f"{name} rewrote {rewrites} pair(s) but saves exactly the baseline's bytes"
+                  for name, r in cell.modes.items()
+                  if (rewrites := (r.tuned or r.builtin_rewrites)) and r.saved_bytes == base]
+    for note in cell.notes:
         log(f"    NOTE {note}")
 
 
@@ -481,11 +495,14 @@ def warm_up_compiler(device: str, fresh_kernel_cache: bool, log: Log) -> None:
     x = torch.randn(2, 3, 8, 8, device=device)
     # With a shared kernel cache compile times are order-dependent anyway (the GPU
     # preset): one warm-up compile is enough there and saves budget.
-    names = ["compile", "builtin", "pass_memory", "deploy"] if fresh_kernel_cache else ["compile"]
-    for mode in modes_for(names):
-        model = deploy.fold(net, x) if mode.deploy else copy.deepcopy(net)
+    kinds: dict[tuple[bool, bool, bool], Mode] = {}  # one mode per kind of compile
+    for m in modes_for():
+        if m.compiled and not m.noise:
+            kinds.setdefault((m.policy is None, m.builtin, m.deploy), m)
+    for mode in list(kinds.values()) if fresh_kernel_cache else [MODES["compile"]]:
+        model, fn = mode.build(net, x)
         with _kernel_cache(fresh_kernel_cache):
-            train_step(torch.compile(model, options=mode.options(), dynamic=False), model, x)
+            train_step(fn, model, x)
     torch._dynamo.reset()
     log(f"compiler warmed up in {time.monotonic() - start:.0f} s (not measured)")
 
@@ -514,27 +531,17 @@ def light_cell(model_name: str, batch: int, px: int, mode_list: list[Mode],
                device: str = "cpu", seed: int = 0) -> LightCell:
     """Saved activation bytes of every mode through the light backend (pass +
     AOTAutograd's partitioner, no code generation): fast, for sweeps over batch."""
-    torch._dynamo.reset()
-    torch.manual_seed(seed)
-    base, shape = load_model(model_name, px)
-    base = zoo.randomize_bn(base, seed).eval().to(device)
-    x = torch.randn(batch, *shape, device=device)
+    base, x = setup(model_name, batch, px, device, seed)
     cell = LightCell(model_name, batch, list(x.shape), device)
     for mode in mode_list:
-        if mode.twin:
+        if mode.noise:
             continue
-        model = deploy.fold(base, x) if mode.deploy else copy.deepcopy(base)
-        fn: Callable[..., Any] = model
         rewrites: list[convbn_pass.GraphRewrite] = []
-        if mode.compiled:
-            backend = (_builtin_light() if mode.builtin
-                       else backends.light(mode.policy, on_graph=rewrites.append))
-            fn = torch.compile(model, backend=backend, dynamic=False)
+        model, fn = mode.build(base, x, rewrites.append, light=True)
         before = _counts()
         train_step(fn, model, x)
-        decided = _decided(rewrites, keep=mode.policy is not None)
-        result = ModeResult(mode.name, tuned=decided["tuned"], blocks=decided.get("blocks"),
-                            builtin_rewrites=_counts().builtin - before.builtin)
+        result = ModeResult(mode.name, builtin_rewrites=_counts().builtin - before.builtin,
+                            **_decided(mode, rewrites))
         result.saved_bytes = memory.saved_activation_bytes(fn, model, x)
         result.weight_shaped_bytes = weight_shaped_bytes(fn, model, x)
         cell.modes[mode.name] = result
@@ -566,7 +573,58 @@ def environment() -> dict[str, Any]:
     return env
 
 
+def _git_state() -> str:
+    """The commit measured, and whether the package had uncommitted changes."""
+    root = os.path.dirname(os.path.abspath(convbn_pass.__file__))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "."], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + (" + uncommitted changes in convbn_pass/" if dirty else "")
+
+
+# --- fresh processes --------------------------------------------------------------------
+
+class Spawned(NamedTuple):
+    result: dict[str, Any]  # the worker's JSON, or {"error": its last stderr line}
+    stderr: str
+
+
+def spawn(module: str, spec: dict[str, Any], env: dict[str, str] | None = None,
+          timeout: float | None = None) -> Spawned:
+    """Run ``python -m MODULE --worker SPEC`` in a fresh process with an empty Inductor
+    cache directory (plus ``env``), and read the JSON it prints last."""
+    with tempfile.TemporaryDirectory(prefix="convbn_bench_fresh_") as cache:
+        full_env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, PYTHONPATH=str(ROOT),
+                        **(env or {}))
+        try:
+            done = subprocess.run([sys.executable, "-m", module, "--worker", json.dumps(spec)],
+                                  cwd=ROOT, env=full_env, capture_output=True, text=True,
+                                  timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return Spawned({"error": "timed out (time budget)"}, "")
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        return Spawned({"error": (done.stderr.strip().splitlines() or ["no output"])[-1]},
+                       done.stderr)
+    return Spawned(json.loads(lines[-1]), done.stderr)
+
+
+def worker_main(work: Callable[[dict[str, Any]], dict[str, Any]], spec_text: str) -> int:
+    """The worker's side of :func:`spawn`: one JSON line on stdout."""
+    print(json.dumps(work(json.loads(spec_text)), default=str))
+    return 0
+
+
+
 # --- peak RSS of a fresh process (CPU) -------------------------------------------------
+
+# glibc's mmap threshold at 64 KiB, so that freed tensors leave the resident set.
+RSS_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
 
 def _status_bytes(key: str) -> int:
     """A ``VmRSS``/``VmHWM`` line of /proc/self/status, in bytes."""
@@ -584,22 +642,12 @@ def _reset_peak_rss() -> None:
 
 def peak_rss_worker(model_name: str, batch: int, mode_name: str,
                     settings: Settings) -> RssResult:
-    """Run in a fresh process (see run.py ``--worker``): compile one mode, then read
-    the process's peak RSS and the peak of one warm step above the RSS before it.
-
-    The parent starts this process with an empty Inductor cache dir, so ``first_s``
-    is a cold compile, and with glibc's mmap threshold at 64 KiB, so that freed
-    tensors leave the resident set and a step's peak is its own."""
-    torch.manual_seed(settings.seed)
-    base, shape = load_model(model_name, settings.px)
-    base = zoo.randomize_bn(base, settings.seed).eval()
-    x = torch.randn(batch, *shape)
-    mode = MODES[mode_name]
-    model = deploy.fold(base, x) if mode.deploy else copy.deepcopy(base)
+    """Run in a fresh process (:func:`spawn` with :data:`RSS_ENV`): compile one mode,
+    then read the process's peak RSS and the peak of one warm step above the RSS
+    before it. ``first_s`` is a cold compile (empty Inductor cache)."""
+    base, x = setup(model_name, batch, settings.px, "cpu", settings.seed)
+    model, fn = MODES[mode_name].build(base, x)
     del base
-    fn: Callable[..., Any] = model
-    if mode.compiled:
-        fn = torch.compile(model, options=mode.options(), dynamic=False)
     cpu_before = cpu_seconds()
     first = _timed_step(fn, model, x, "cpu")
     first_cpu = cpu_seconds() - cpu_before
@@ -616,15 +664,8 @@ def peak_rss_worker(model_name: str, batch: int, mode_name: str,
                      before_step_bytes=before, step_peak_bytes=step_peak - before)
 
 
-def _git_state() -> str:
-    """The commit measured, and whether convbn_pass/ had uncommitted changes."""
-    import subprocess
-    root = os.path.dirname(os.path.dirname(os.path.abspath(convbn_pass.__file__)))
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
-                              capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "convbn_pass"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return head + (" + uncommitted changes in convbn_pass/" if dirty else "")
+def modes_named(names: Iterable[str]) -> list[str]:
+    """``names`` in the table's order, names the table does not know (older results'
+    modes) after them: the column order of every report."""
+    names = list(dict.fromkeys(names))
+    return [n for n in MODES if n in names] + sorted(n for n in names if n not in MODES)

@@ -4,7 +4,8 @@ The harness makes them, run.py holds them and writes them to ``results.json``
 (:func:`to_json`: ``dataclasses.asdict`` without the fields nothing was measured
 for), and report.py reads them back with one ``from_json`` per record. Reading
 tolerates older and newer files: keys a record does not know are dropped, keys
-a file lacks take the field's default.
+a file lacks take the field's default (older files hold fields since dropped:
+every timed step, per-round means, the CUDA peak without the baseline).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-__all__ = ["RssResult", "PairDecision", "ModeResult", "CellResult", "BlockResult",
+__all__ = ["RssResult", "SavedDecision", "ModeResult", "CellResult", "BlockResult",
            "LightCell", "RunResult", "to_json"]
 
 
@@ -51,8 +52,9 @@ class RssResult:
 
 
 @dataclasses.dataclass
-class PairDecision:
-    """convbn_pass's decision on one Conv→BN pair, as a mode's ``on_graph`` saw it."""
+class SavedDecision:
+    """convbn_pass's decision on one Conv→BN pair (a ``convbn_pass.Decision``), as results.json
+    saves it."""
 
     conv: str                                # module path of the conv ("layer1.0.conv1")
     bn: str                                  # module path of its BatchNorm
@@ -63,7 +65,7 @@ class PairDecision:
     activation_numel: int | None = None      # elements of the conv output
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> PairDecision:
+    def from_json(cls, data: dict[str, Any]) -> SavedDecision:
         return cls(**_known(cls, data))
 
 
@@ -75,19 +77,17 @@ class ModeResult:
     first_s: float | None = None             # wall seconds of the first step: the compile
     first_cpu_s: float | None = None         # CPU seconds of it (process + reaped children)
     new_graphs: int | None = None            # graphs Dynamo compiled for it (0: reused)
+    candidates: int | None = None            # Conv→BN pairs convbn_pass decided on
     tuned: int | None = None                 # pairs convbn_pass tuned, from its on_graph
     tuned_keep_weight: int | None = None     # of those, pairs that keep W′ for backward
     skipped: dict[str, int] | None = None    # pairs convbn_pass left in Eval mode, by reason
     builtin_rewrites: int | None = None      # counters["inductor"]["efficient_conv_bn_eval"]
-    blocks: list[PairDecision] | None = None  # convbn_pass's decisions, modes with the pass
+    blocks: list[SavedDecision] | None = None  # convbn_pass's decisions, modes with the pass
     saved_bytes: int | None = None           # activation bytes saved for backward (exact)
     weight_shaped_bytes: int | None = None   # of those, tensors shaped like a model weight
     recompiled_while_measuring: int | None = None  # graphs compiled while measuring bytes
     peak_bytes: int | None = None            # CUDA: allocator peak of a step above before
-    peak_abs_bytes: int | None = None        # CUDA: allocator peak of that step
     checks: list[str] = dataclasses.field(default_factory=list)  # problems, as sentences
-    steps_s: list[float] | None = None       # every timed step (None when over 200)
-    round_means_s: list[float] | None = None  # mean step time per round
     rounds: int | None = None                # round-robin rounds timed
     steps_per_round: int | None = None       # timed steps per round
     median_s: float | None = None            # median step time
@@ -103,7 +103,7 @@ class ModeResult:
     def from_json(cls, data: dict[str, Any]) -> ModeResult:
         fields = _known(cls, data)
         if fields.get("blocks") is not None:
-            fields["blocks"] = [PairDecision.from_json(b) for b in fields["blocks"]]
+            fields["blocks"] = [SavedDecision.from_json(b) for b in fields["blocks"]]
         if fields.get("rss") is not None:
             fields["rss"] = RssResult.from_json(fields["rss"])
         return cls(**fields)
@@ -122,7 +122,7 @@ class CellResult:
     skipped_modes: list[str] = dataclasses.field(default_factory=list)  # time budget
     mode_errors: dict[str, str] = dataclasses.field(default_factory=dict)  # mode: failure
     max_first_s: float | None = None         # the longest first call: the next estimate
-    pairs: int | None = None                 # Conv→BN pairs (pass_memory tunes them all)
+    pairs: int | None = None                 # Conv→BN pairs the pass decided on
     notes: list[str] = dataclasses.field(default_factory=list)  # cell-wide problems
     error: str | None = None                 # why the cell has no results
     rss_only: bool = False                   # made by --peak-rss alone (no in-process run)
@@ -144,7 +144,7 @@ class BlockResult(CellResult):
     activation_numel: int = 0                # elements of the conv output
     positions: int = 0                       # output positions N·H·W (MACs per weight element)
     act_over_weight: float = 0.0             # activation_numel / weight_numel
-    auto_action: str | None = None           # "tune" or "eval" by the auto ratio alone
+    auto_action: str | None = None           # the auto policy's action on it in the whole model
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> BlockResult:
@@ -169,22 +169,21 @@ class LightCell:
 
 @dataclasses.dataclass
 class RunResult:
-    """One run of ``python -m benchmarks.run`` (or several, combined): results.json."""
+    """One run of ``python -m benchmarks.run``: results.json."""
 
-    preset: str | None = None                # preset name, "custom" or "summary"
+    preset: str | None = None                # preset name or "custom"
     about: str | None = None                 # the preset's one line
     command: str | None = None               # the command line
     settings: dict[str, Any] = dataclasses.field(default_factory=dict)  # run.Preset's fields
     environment: dict[str, Any] = dataclasses.field(default_factory=dict)  # versions, machine
     modes_about: dict[str, str] = dataclasses.field(default_factory=dict)  # mode: one line
-    started: str | None = None               # ISO time, or "(combined)"
+    started: str | None = None               # ISO time
     finished: str | None = None              # ISO time; None: interrupted
     elapsed_s: float | None = None           # wall seconds of the run
     cells: list[CellResult] = dataclasses.field(default_factory=list)    # Inductor grid
     light: list[LightCell] = dataclasses.field(default_factory=list)     # light sweep
     blocks: list[BlockResult] = dataclasses.field(default_factory=list)  # block study
     skipped: list[str] = dataclasses.field(default_factory=list)  # what was left out, and why
-    sources: dict[str, str | None] | None = None  # combined runs: folder -> command
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RunResult:

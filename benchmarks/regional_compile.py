@@ -23,9 +23,7 @@ import json
 import os
 import pathlib
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from typing import Any, Sequence
 
@@ -83,15 +81,12 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     import convbn_pass
     from benchmarks import harness
-    from convbn_pass import regions, step, zoo
+    from convbn_pass import regions, step
     from convbn_pass.core.records import COUNTER
 
     torch.set_num_threads(1)
     cpp = _count_cpp_compiles(harness.cpu_seconds)
-    torch.manual_seed(0)
-    model, shape = _build(spec["model"], spec["px"])
-    model = zoo.randomize_bn(model).eval()
-    x = torch.randn(spec["batch"], *shape)
+    model, x = harness.setup(spec["model"], spec["batch"], spec["px"], build=_build)
     mode, policy = spec["mode"], spec["policy"]
     base = {"fx_graph_cache": False, **dict(_option(o) for o in spec.get("options", []))}
     start_cpu, start = harness.cpu_seconds(), time.perf_counter()
@@ -145,16 +140,9 @@ def _count_cpp_compiles(cpu_seconds: Any) -> dict[str, Any]:
 
 
 def _spawn(spec: dict[str, Any]) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="convbn_regional_") as cache:
-        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, TORCHINDUCTOR_COMPILE_THREADS="1",
-                   PYTHONPATH=str(ROOT))
-        done = subprocess.run([sys.executable, "-m", "benchmarks.regional_compile", "--worker",
-                               json.dumps(spec)], cwd=ROOT, env=env, capture_output=True,
-                              text=True)
-    lines = done.stdout.strip().splitlines()
-    if done.returncode != 0 or not lines:
-        return {"error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
-    return json.loads(lines[-1])
+    from benchmarks import harness
+    return harness.spawn("benchmarks.regional_compile", spec,
+                         {"TORCHINDUCTOR_COMPILE_THREADS": "1"}).result
 
 
 def _load() -> float:
@@ -219,8 +207,8 @@ def summary(results: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
-        return 0
+        from benchmarks import harness
+        return harness.worker_main(worker, args.worker)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     import torch

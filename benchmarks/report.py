@@ -3,8 +3,10 @@
 Everything here reads the measured results only; nothing is measured or
 assumed. ``read(path)`` loads a ``results.json`` (older files too), and
 ``write_all(results, out_dir)`` writes ``results.md``, ``results.csv`` and the
-PNG figures next to it. Only the modes of :data:`TABLE_MODES` are shown: older
-files may hold experiments' modes, which stay in their ``results.json``.
+PNG figures next to it. The tables show every mode a file holds, in the order of
+the harness's mode table (``harness.MODES``; modes it does not know come last),
+so a mode added there, such as a new policy of ``convbn_pass.POLICIES``, appears
+in every table without another edit.
 """
 
 from __future__ import annotations
@@ -14,29 +16,16 @@ import json
 import math
 import pathlib
 from collections import defaultdict
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
+import convbn_pass
+
+from .harness import MODES, modes_named
 from .records import BlockResult, CellResult, LightCell, RunResult
 
-__all__ = ["read", "targets", "markdown", "csv_rows", "write_all", "TABLE_MODES"]
+__all__ = ["read", "targets", "markdown", "csv_rows", "write_all"]
 
 MB = 1e6
-# The modes shown, in the tables' column order.
-TABLE_MODES = ["eager", "compile", "compile_twin", "compile_again", "builtin", "pass_auto",
-               "pass_memory", "pass_keep_weight", "deploy"]
-PLOT_MODES = ["eager", "compile", "builtin", "pass_auto", "pass_memory", "pass_keep_weight",
-              "deploy"]
-# Modes that often coincide (memory = deploy, keep_weight = builtin) get different
-# markers and line styles so that both stay visible.
-STYLE: dict[str, dict[str, Any]] = {
-    "eager": dict(color="tab:gray", marker="s", ls=":"),
-    "compile": dict(color="black", marker="o", ls="-"),
-    "builtin": dict(color="tab:orange", marker="^", ls="-", ms=8),
-    "pass_keep_weight": dict(color="tab:purple", marker="v", ls="--", ms=6),
-    "pass_auto": dict(color="tab:green", marker="D", ls="-"),
-    "pass_memory": dict(color="tab:red", marker="o", ls="-", ms=8),
-    "deploy": dict(color="tab:blue", marker="x", ls="--", ms=8),
-}
 FLOOR_TOLERANCE = 0.01   # memory policy: within 1% of Deploy mode
 COMPILE_TOLERANCE = 0.10  # compile time with the pass: within 10% of without
 
@@ -114,7 +103,7 @@ def targets(cell: CellResult) -> dict[str, Any]:
     # A verdict only where the baseline was compiled twice and agreed with itself within
     # the tolerance; otherwise the ratio is shown undecided ("?").
     decidable = abs(out.get("compile_noise", float("inf"))) <= COMPILE_TOLERANCE
-    for policy in ("auto", "memory", "keep_weight"):
+    for policy in convbn_pass.POLICIES:
         c_pass = times.get(f"pass_{policy}")
         if c_pass is not None and c_base:
             holds = c_pass <= (1 + COMPILE_TOLERANCE) * c_base
@@ -157,9 +146,22 @@ def _cell_id(cell: Cell) -> list[str]:
     return [cell.model, str(cell.batch), size]
 
 
-def _present(cells: Sequence[Cell], field: str = "saved_bytes") -> list[str]:
-    """The shown modes that have ``field`` in some cell."""
-    return [m for m in TABLE_MODES if any(_get(c, m, field) is not None for c in cells)]
+def _noise(mode: str) -> bool:
+    """Whether a mode measures noise only (the twin, the second baseline compile)."""
+    return mode in MODES and MODES[mode].noise
+
+
+def _present(cells: Sequence[Cell], field: str = "saved_bytes", noise: bool = True) -> list[str]:
+    """The modes that have ``field`` in some cell, in table order (``noise``: with the
+    noise-only modes)."""
+    found = modes_named(m for c in cells for m in c.modes if _get(c, m, field) is not None)
+    return [m for m in found if noise or not _noise(m)]
+
+
+def _style(mode: str) -> dict[str, Any]:
+    """A mode's line in the plots; modes that often coincide (memory = deploy,
+    keep_weight = builtin) have different markers so that both stay visible."""
+    return dict(MODES[mode].style) if mode in MODES else {}
 
 
 def _targets_section(cells: list[CellResult], fresh: bool) -> list[str]:
@@ -178,7 +180,7 @@ def _targets_section(cells: list[CellResult], fresh: bool) -> list[str]:
              + " `?`: undecided, because the baseline compiled twice differed by more than "
              f"{COMPILE_TOLERANCE:.0%} (compile noise column).", ""]
     header = ["model", "batch", "size", "memory floor", "auto ≤ compile", "auto ≤ builtin",
-              "auto time (noise)", "compile auto", "compile memory", "compile keep_weight",
+              "auto time (noise)", *(f"compile {p}" for p in convbn_pass.POLICIES),
               "compile noise", "compile figures"]
     rows = []
     for cell in cells:
@@ -195,7 +197,7 @@ def _targets_section(cells: list[CellResult], fresh: bool) -> list[str]:
             row.append(f"{_mark(ok)} {r:.3f} (±{band:.3f})")
         else:
             row.append("–")
-        for policy in ("auto", "memory", "keep_weight"):
+        for policy in convbn_pass.POLICIES:
             key = f"compile_{policy}"
             row.append(f"{_mark(t[key][1])} {t[key][0]:.2f}" if key in t else "–")
         row.append(f"{t['compile_noise'] * 100:+.1f}%" if "compile_noise" in t else "–")
@@ -205,7 +207,7 @@ def _targets_section(cells: list[CellResult], fresh: bool) -> list[str]:
 
 
 def _memory_section(cells: list[CellResult]) -> list[str]:
-    modes = [m for m in _present(cells) if m not in ("compile_twin", "compile_again")]
+    modes = _present(cells, noise=False)
     lines = ["## Activation memory saved for backward (MB)", "",
              "Exact (saved-tensor hooks, `convbn_pass.memory`): unique storages saved for "
              "backward, minus parameters, buffers and the input batch. Deterministic. "
@@ -222,8 +224,7 @@ def _memory_section(cells: list[CellResult]) -> list[str]:
 
 
 def _weight_section(cells: list[CellResult]) -> list[str]:
-    modes = [m for m in _present(cells, "weight_shaped_bytes")
-             if m not in ("compile_twin", "compile_again")]
+    modes = _present(cells, "weight_shaped_bytes", noise=False)
     if not modes:
         return []
     lines = ["### Of these, weight-shaped tensors (MB) / activations proper (MB)", "",
@@ -280,7 +281,8 @@ def _cache_note(fresh: bool) -> str:
 
 
 def _compile_section(cells: list[CellResult], fresh: bool) -> list[str]:
-    modes = [m for m in _present(cells, "first_s") if m not in ("eager", "compile_twin")]
+    modes = [m for m in _present(cells, "first_s")
+             if m not in MODES or (MODES[m].compiled and not MODES[m].twin)]
     lines = ["## First call (compile) time, s", "",
              "Wall time of the first training step: Dynamo, AOTAutograd and Inductor for "
              "forward and backward, plus one step. " + _cache_note(fresh)
@@ -300,7 +302,7 @@ def _peak_section(cells: list[CellResult]) -> list[str]:
     rss = [c for c in cells if _present([c], "rss")]
     lines: list[str] = []
     if cuda:
-        modes = [m for m in _present(cuda, "peak_bytes") if m != "compile_again"]
+        modes = _present(cuda, "peak_bytes", noise=False)
         lines += ["## Peak memory of a step, CUDA allocator (MB above what was allocated "
                   "before the step)", ""]
         rows = [_cell_id(c) + [_fmt(_get(c, m, "peak_bytes"), 1, MB) for m in modes]
@@ -362,7 +364,9 @@ def _blocks_section(blocks: list[BlockResult]) -> list[str]:
     lines = ["## Single blocks: Tune vs Eval mode (conv → BN → activation, alone)", "",
              "Each distinct block of a model, compiled alone. Ratios are median per-round "
              "step-time ratios to `compile` (Eval mode) [quartiles]; noise from the "
-             "baseline twin. `auto` is what the current policy picks.", ""]
+             "baseline twin. `auto`: what the `auto` policy does to the block in the whole "
+             "model (the pass's own decision in one light-backend compile of the model, "
+             "its CPU activation rule included); older results give the ratio rule alone.", ""]
     header = ["model", "batch", "block", "input", "count", "weight numel", "act numel",
               "act/weight", "N·H·W", "auto", "Eval ms", "Tune/Eval", "noise",
               "saved KB Eval", "saved KB Tune"]
@@ -385,7 +389,7 @@ def _blocks_section(blocks: list[BlockResult]) -> list[str]:
 def _light_section(light: list[LightCell]) -> list[str]:
     if not light:
         return []
-    modes = [m for m in PLOT_MODES if any(m in c.modes for c in light)]
+    modes = _present(light, noise=False)
     lines = ["## Activation memory, light backend sweep (MB)", "",
              "`convbn_pass.backends.light`: the pass, then AOTAutograd with the min-cut "
              "partitioner, no Inductor. Same rewrite, but no Inductor decompositions and no "
@@ -410,15 +414,13 @@ def _checks_section(cells: list[CellResult]) -> list[str]:
     problems = []
     for c in cells:
         for m, r in c.modes.items():
-            if m in TABLE_MODES:
-                problems += [f"- {c.model} batch {c.batch}, {m}: {p}" for p in r.checks]
+            problems += [f"- {c.model} batch {c.batch}, {m}: {p}" for p in r.checks]
         problems += [f"- {c.model} batch {c.batch}: {n}" for n in c.notes]
         problems += [f"- {c.model} batch {c.batch}, {m}: FAILED {e}"
-                     for m, e in c.mode_errors.items() if m in TABLE_MODES]
+                     for m, e in c.mode_errors.items()]
     rewrites = [f"{c.model}/{c.batch}: built-in {_dash(_get(c, 'builtin', 'builtin_rewrites'))}, "
-                f"memory {_dash(_get(c, 'pass_memory', 'tuned'))}, "
-                f"keep_weight {_dash(_get(c, 'pass_keep_weight', 'tuned'))}, "
-                f"auto {_dash(_get(c, 'pass_auto', 'tuned'))}"
+                + ", ".join(f"{p} {_dash(_get(c, f'pass_{p}', 'tuned'))}"
+                            for p in convbn_pass.POLICIES)
                 for c in cells]
     lines += problems or ["- none"]
     lines += ["", "Rewrite counts per cell: " + "; ".join(rewrites) + ".", ""]
@@ -437,12 +439,11 @@ def markdown(results: RunResult) -> str:
              + f", {env.get('torch_threads')} torch thread(s), torchvision: {env.get('torchvision')}, "
              f"timm: {env.get('timm')}. auto policy ratio {env.get('auto_ratio')}. "
              f"convbn_pass at git {env.get('git')}. "
-             + ("Combined from the runs named in `command.txt` beside this file." if results.started == "(combined)"
-                else f"Started {results.started}, finished "
-                     f"{results.finished or 'unfinished'}, {results.elapsed_s or 0:.0f} s."),
+             + f"Started {results.started}, finished "
+             f"{results.finished or 'unfinished'}, {results.elapsed_s or 0:.0f} s.",
              "",
              f"Settings: `{s}`", ""]
-    about = {k: v for k, v in results.modes_about.items() if k in TABLE_MODES}
+    about = results.modes_about
     if about:
         lines += ["Modes:", ""] + [f"- `{k}`: {v}" for k, v in about.items()] + [""]
     if cells:
@@ -481,8 +482,6 @@ def csv_rows(results: RunResult) -> list[dict[str, Any]]:
     for kind, cells in items:
         for cell in cells:
             for mode, r in cell.modes.items():
-                if mode not in TABLE_MODES:
-                    continue
                 row = {k: getattr(r, k, None) for k in CSV_FIELDS}
                 row.update({"rss_step_peak_bytes": _rss(cell, mode, "step_peak_bytes"),
                             "rss_process_peak_bytes": _rss(cell, mode, "process_peak_bytes"),
@@ -523,72 +522,67 @@ def _legend(fig: Any, ax: Any) -> None:
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 8), fontsize=8)
 
 
-def _plot_metric(cells: Sequence[Cell], field: str, scale: float, ylabel: str, title: str,
-                 path: pathlib.Path, rss: bool = False) -> bool:
+def _panels(cells: Sequence[Cell], draw: Callable[[Any, list[Cell]], bool], ylabel: str,
+            title: str, path: pathlib.Path) -> bool:
+    """One panel per model against batch size; ``draw`` plots a model's cells on its
+    axes and says whether it plotted anything. Writes ``path`` where something was."""
+    import matplotlib.pyplot as plt
     grouped = _by_model(cells)
     if not grouped:
         return False
     fig, axes = _subplots(len(grouped))
     plotted = False
     for ax, (model, cs) in zip(axes, grouped.items()):
-        for mode in PLOT_MODES:
-            pts = []
-            for c in cs:
-                value = _rss(c, mode, field) if rss else _get(c, mode, field)
-                if value is not None:
-                    pts.append((c.batch, value / scale))
-            if pts:
-                ax.plot(*zip(*pts), label=mode, **STYLE.get(mode, {}))
-                plotted = True
+        plotted = draw(ax, cs) or plotted
         shape = cs[0].input_shape or []
         ax.set_title(f"{model} ({shape[-1]} px)" if len(shape) == 4 else model)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    import matplotlib.pyplot as plt
-    if not plotted:
-        plt.close(fig)
-        return False
-    _legend(fig, axes[0])
-    fig.suptitle(title)
-    fig.savefig(path, dpi=110)
+    if plotted:
+        _legend(fig, axes[0])
+        fig.suptitle(title)
+        fig.savefig(path, dpi=110)
     plt.close(fig)
-    return True
+    return plotted
+
+
+def _plot_metric(cells: Sequence[Cell], field: str, scale: float, ylabel: str, title: str,
+                 path: pathlib.Path, rss: bool = False) -> bool:
+    def draw(ax: Any, cs: list[Cell]) -> bool:
+        drawn = False
+        for mode in _present(cs, "rss" if rss else field, noise=False):
+            values = [(c.batch, _rss(c, mode, field) if rss else _get(c, mode, field))
+                      for c in cs]
+            pts = [(b, v / scale) for b, v in values if v is not None]
+            if pts:
+                ax.plot(*zip(*pts), label=mode, **_style(mode))
+                drawn = True
+        return drawn
+    return _panels(cells, draw, ylabel, title, path)
 
 
 def _plot_time(cells: list[CellResult], path: pathlib.Path) -> bool:
-    grouped = _by_model([c for c in cells if _get(c, "compile", "ratio") is not None])
-    if not grouped:
-        return False
-    fig, axes = _subplots(len(grouped))
-    for ax, (model, cs) in zip(axes, grouped.items()):
+    def draw(ax: Any, cs: list[Cell]) -> bool:
         batches = [c.batch for c in cs]
         bands = [noise(c) or 0.0 for c in cs]
         ax.fill_between(batches, [1 - b for b in bands], [1 + b for b in bands], color="grey",
                         alpha=0.25, label="noise (twin)")
-        for mode in PLOT_MODES:
-            if mode == "compile":
-                continue
-            pts = [(c.batch, c.modes[mode]) for c in cs if _get(c, mode, "ratio") is not None]
-            if not pts:
-                continue
-            xs = [b for b, _ in pts]
-            ys = [r.ratio for _, r in pts]
-            err = [[r.ratio - r.ratio_q1 for _, r in pts], [r.ratio_q3 - r.ratio for _, r in pts]]
-            ax.errorbar(xs, ys, yerr=err, capsize=3, label=mode, **STYLE.get(mode, {}))
+        for mode in _present(cs, "ratio", noise=False):
+            pts = [c.modes[mode] for c in cs if _get(c, mode, "ratio") is not None]
+            if mode != "compile" and pts:
+                ax.errorbar([c.batch for c in cs if _get(c, mode, "ratio") is not None],
+                            [r.ratio for r in pts],
+                            yerr=[[r.ratio - r.ratio_q1 for r in pts],
+                                  [r.ratio_q3 - r.ratio for r in pts]],
+                            capsize=3, label=mode, **_style(mode))
         ax.axhline(1.0, color="black", lw=0.8)
-        ax.set_title(model)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("batch")
-        ax.set_ylabel("step time / compile")
-        ax.grid(alpha=0.3)
-    _legend(fig, axes[0])
-    fig.suptitle("Median step time relative to torch.compile without a pass (bars: quartiles)")
-    fig.savefig(path, dpi=110)
-    import matplotlib.pyplot as plt
-    plt.close(fig)
-    return True
+        return True
+    timed = [c for c in cells if _get(c, "compile", "ratio") is not None]
+    return _panels(timed, draw, "step time / compile",
+                   "Median step time relative to torch.compile without a pass (bars: quartiles)",
+                   path)
 
 
 def _plot_blocks(blocks: list[BlockResult], auto_ratio: float | None,

@@ -21,12 +21,9 @@ import argparse
 import dataclasses
 import datetime
 import json
-import os
 import pathlib
 import shlex
-import subprocess
 import sys
-import tempfile
 from typing import Any, Sequence
 
 import torch
@@ -36,7 +33,7 @@ from convbn_pass import models, zoo
 from . import harness, report
 from .records import CellResult, ModeResult, RssResult, RunResult, to_json
 
-__all__ = ["main", "PRESETS", "Preset"]
+__all__ = ["main", "PRESETS", "Preset", "raise_recompile_limits"]
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
@@ -85,14 +82,14 @@ PRESETS: dict[str, Preset] = {
                ("efficientnet_lite", 8, 96), ("resnet50", 8, 96), ("resnet18", 1, 96),
                ("mobilenet_v2", 8, 96), ("unet", 4, 96), ("resnet18", 32, 96),
                ("resnext50", 8, 64), ("resnet50", 1, 96), ("resnet18", 64, 96)),
-        modes=(*harness.DEFAULT_MODES, "compile_again"),
+        modes=tuple(harness.MODES),
         threads=1, compile_threads=1, rounds=6, steps=2, time_per_cell=45.0, budget=3300.0),
     "cpu-rss": Preset(
         "Peak RSS and cold compile time (wall and CPU seconds), one fresh process per "
         "mode, no order effects: the fair compile-time comparison on CPU",
         peak_rss=(("resnet18", 8, 96), ("mlp_bn", 64, 0), ("resnet50", 8, 96),
                   ("efficientnet_lite", 8, 96)),
-        modes=(*harness.DEFAULT_MODES, "compile_again"),
+        modes=tuple(harness.MODES),
         threads=1, compile_threads=1, budget=2400.0),
     "sweep": Preset(
         "Activation bytes only, light backend (no Inductor): every zoo model, batch 1-64",
@@ -127,7 +124,7 @@ def _parser() -> argparse.ArgumentParser:
                    "(with --batches: replaces the preset's grid)")
     p.add_argument("--batches", nargs="+", type=int, help="batch sizes")
     p.add_argument("--px", type=int, default=96, help="image side for --models (default 96)")
-    p.add_argument("--modes", nargs="+", help=f"modes (default all but compile_again): "
+    p.add_argument("--modes", nargs="+", help=f"modes (default {', '.join(harness.DEFAULT_MODES)}): "
                    f"{', '.join(harness.MODES)}")
     p.add_argument("--device", help="cpu or cuda (default: the preset's, else cpu)")
     p.add_argument("--threads", type=int, help="torch threads (CPU)")
@@ -149,9 +146,6 @@ def _parser() -> argparse.ArgumentParser:
                    "benchmarks/results/<preset or custom>)")
     p.add_argument("--report-only", type=pathlib.Path, metavar="DIR",
                    help="rewrite tables and plots from DIR/results.json")
-    p.add_argument("--combine", nargs="+", type=pathlib.Path, metavar="DIR",
-                   help="merge the results.json of several runs (grid cells, peak RSS, "
-                   "block study, light sweep) into one report in --out")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # a fresh process for --peak-rss
     return p
 
@@ -198,11 +192,10 @@ def _resolve(args: argparse.Namespace) -> tuple[str, Preset]:
 
 
 def _settings(preset: Preset, px: int) -> harness.Settings:
-    return harness.Settings(device=preset.device, px=px, warmup=preset.warmup,
-                            rounds=preset.rounds, steps=preset.steps,
-                            time_per_cell=preset.time_per_cell,
-                            min_round_s=preset.min_round_s,
-                            fresh_kernel_cache=preset.fresh_kernel_cache)
+    """The harness settings of this preset's cells at image side ``px``."""
+    shared = {f.name: getattr(preset, f.name) for f in dataclasses.fields(harness.Settings)
+              if hasattr(preset, f.name)}
+    return harness.Settings(**shared, px=px)
 
 
 def _save(results: RunResult, out: pathlib.Path) -> None:
@@ -259,9 +252,8 @@ def _run_grid(preset: Preset, modes: list[harness.Mode], results: RunResult,
 
 def _summary(cell: CellResult) -> None:
     parts = []
-    for name in ("compile", "builtin", "pass_auto", "pass_memory", "deploy"):
-        r = cell.modes.get(name)
-        if r is not None and r.saved_bytes is not None:
+    for name, r in cell.modes.items():
+        if not harness.MODES[name].noise and r.saved_bytes is not None:
             ratio = float("nan") if r.ratio is None else r.ratio
             parts.append(f"{name} {r.saved_bytes / 1e6:.1f} MB x{ratio:.2f}")
     _log("    " + ", ".join(parts) + f"; noise ±{report.noise(cell) or float('nan'):.3f}")
@@ -304,32 +296,18 @@ def _run_peak_rss(preset: Preset, modes: list[harness.Mode], results: RunResult,
 def _spawn_worker(model: str, batch: int, px: int, mode: str, preset: Preset,
                   budget: harness.Budget) -> RssResult:
     spec = {"model": model, "batch": batch, "px": px, "mode": mode, "threads": preset.threads}
-    with tempfile.TemporaryDirectory(prefix="convbn_bench_rss_") as cache:
-        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, MALLOC_MMAP_THRESHOLD_="65536",
-                   MALLOC_TRIM_THRESHOLD_="0", PYTHONPATH=str(ROOT))
-        if preset.compile_threads:
-            env["TORCHINDUCTOR_COMPILE_THREADS"] = str(preset.compile_threads)
-        try:
-            done = subprocess.run([sys.executable, "-m", "benchmarks.run", "--worker",
-                                   json.dumps(spec)], cwd=ROOT, env=env, capture_output=True,
-                                  text=True, timeout=(None if budget.deadline is None
-                                                      else max(60.0, budget.left())))
-        except subprocess.TimeoutExpired:
-            return RssResult(error="timed out (time budget)")
-    lines = done.stdout.strip().splitlines()
-    if done.returncode != 0 or not lines:
-        return RssResult(error=(done.stderr.strip().splitlines() or ["no output"])[-1])
-    return RssResult.from_json(json.loads(lines[-1]))
+    env = dict(harness.RSS_ENV)
+    if preset.compile_threads:
+        env["TORCHINDUCTOR_COMPILE_THREADS"] = str(preset.compile_threads)
+    timeout = None if budget.deadline is None else max(60.0, budget.left())
+    return RssResult.from_json(harness.spawn("benchmarks.run", spec, env, timeout).result)
 
 
-def _worker(spec_text: str) -> int:
-    spec = json.loads(spec_text)
+def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     settings = harness.Settings(px=spec["px"])
-    result = harness.peak_rss_worker(spec["model"], spec["batch"], spec["mode"], settings)
-    print(json.dumps(to_json(result)))
-    return 0
+    return to_json(harness.peak_rss_worker(spec["model"], spec["batch"], spec["mode"], settings))
 
 
 def _run_light(preset: Preset, modes: list[harness.Mode], results: RunResult,
@@ -367,7 +345,7 @@ def _run_blocks(preset: Preset, results: RunResult, out: pathlib.Path,
         _save(results, out)
 
 
-def _raise_recompile_limits() -> None:
+def raise_recompile_limits() -> None:
     """Every mode of a cell is a distinct backend for the same code objects, and
     each is a Dynamo cache entry: raise the limits (older torch names them
     cache_size_limit / accumulated_cache_size_limit)."""
@@ -380,55 +358,11 @@ def _raise_recompile_limits() -> None:
                 break
 
 
-def _same_cell(a: CellResult, b: CellResult) -> bool:
-    return (a.model, a.batch) == (b.model, b.batch) and (
-        not a.input_shape or not b.input_shape or a.input_shape == b.input_shape)
-
-
-def _combine(dirs: Sequence[pathlib.Path], out: pathlib.Path, argv: Sequence[str]) -> int:
-    """One report from several runs: their cells (peak-RSS-only cells merged into the
-    grid cell they measured), block studies, light sweeps and skip lists."""
-    sources: dict[str, str | None] = {}
-    merged = RunResult(preset="summary", sources=sources)
-    for i, folder in enumerate(dirs):
-        path = folder / "results.json"
-        if not path.exists():
-            _log(f"error: {path} does not exist")
-            return 2
-        part = report.read(path)
-        sources[str(folder)] = part.command
-        # the first grid run's settings and environment head the report
-        if i == 0 or (part.cells and not merged.cells):
-            merged.environment, merged.settings = part.environment, part.settings
-            merged.modes_about = part.modes_about
-        for cell in part.cells:
-            # Peak-RSS-only cells join the grid cell they measured; timed cells of two runs
-            # stay apart (their ratios and noise belong to their own run).
-            twin = next((c for c in merged.cells if _same_cell(c, cell)), None)
-            if twin is None or not cell.rss_only:
-                merged.cells.append(cell)
-                continue
-            for mode, result in cell.modes.items():
-                twin.modes.setdefault(mode, ModeResult(mode)).rss = result.rss
-        merged.light += part.light
-        merged.blocks += part.blocks
-        merged.skipped += part.skipped
-    merged.command = "python -m benchmarks.run " + shlex.join(argv)
-    merged.started = "(combined)"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "command.txt").write_text(merged.command + "\n" + "\n".join(
-        f"  {folder}: {command}" for folder, command in sources.items()) + "\n")
-    _save(merged, out)
-    written = report.write_all(merged, out)
-    _log(f"wrote results.json, command.txt, {', '.join(written)} in {out}")
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     if args.worker:
-        return _worker(args.worker)
+        return harness.worker_main(_worker, args.worker)
     if args.report_only:
         path = args.report_only / "results.json"
         if not path.exists():
@@ -437,8 +371,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         written = report.write_all(report.read(path), args.report_only)
         _log(f"wrote {', '.join(written)} in {args.report_only}")
         return 0
-    if args.combine:
-        return _combine(args.combine, args.out or RESULTS / "summary", argv)
     try:
         name, preset = _resolve(args)
         modes = harness.modes_for(preset.modes or None)
@@ -463,7 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         started=datetime.datetime.now().isoformat(timespec="seconds"))
     budget = harness.Budget(preset.budget)
     _log(f"{command}\n{preset.about}; results in {out}")
-    _raise_recompile_limits()
+    raise_recompile_limits()
     if preset.cells or preset.blocks:
         harness.warm_up_compiler(preset.device, preset.fresh_kernel_cache, _log)
     _run_grid(preset, modes, results, out, budget)

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
+import sys
+import textwrap
 from typing import Any, Callable
 
 import torch
@@ -147,3 +152,13 @@ def check_every_pair_tuned(plan: Any) -> None:
 
 def _rel(path: str, region: str) -> str:
     return path[len(region) + 1:]
+
+
+def run_fresh(code: str, *args: str, **env: str) -> Any:
+    """Run ``code`` in a fresh Python process (this environment, plus ``env``) with
+    ``args`` as its ``sys.argv[1:]``; returns the JSON its last stdout line holds."""
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args],
+                          env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

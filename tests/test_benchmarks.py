@@ -15,6 +15,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import convbn_pass  # noqa: E402
 from benchmarks import harness, records, report, run  # noqa: E402
 
 
@@ -84,22 +85,61 @@ def test_unknown_model_is_one_clear_error(capsys, tmp_path: pathlib.Path):
     assert capsys.readouterr().err.startswith("error: unknown model 'nope'")
 
 
-# Folders measured with modes whose code is gone: layout optimisation off and the bias
-# added apart (experiments/), the auto policy at other thresholds (thresholds-unet/),
-# horizontal fusion limited (hfuse/).
-@pytest.mark.parametrize("folder, removed", [
-    ("experiments", ["nolayout", "bias_apart"]),
-    ("thresholds-unet", ["pass_auto_x"]),
-    ("hfuse", ["nohfuse"]),
-])
-def test_old_results_with_removed_modes_still_render(tmp_path: pathlib.Path, folder, removed):
+# The committed results the READMEs cite, each a results.json of an older version of the
+# records: they must load (fields since dropped ignored) and render.
+@pytest.mark.parametrize("folder", ["cpu", "cpu-unet", "resnet18-time", "unet-rss", "blocks",
+                                    "sweep"])
+def test_committed_results_still_render(tmp_path: pathlib.Path, folder):
+    stored = json.loads((ROOT / "benchmarks" / "results" / folder / "results.json").read_text())
     shutil.copy(ROOT / "benchmarks" / "results" / folder / "results.json", tmp_path)
     assert run.main(["--report-only", str(tmp_path)]) == 0
     md = (tmp_path / "results.md").read_text()
-    assert "| compile | " in md
-    # table rows and the list of modes
-    shown_lines = [line for line in md.splitlines() if line.startswith(("|", "- `"))]
-    assert [line for line in shown_lines if any(name in line for name in removed)] == []
     with open(tmp_path / "results.csv") as f:
         shown = {row["mode"] for row in csv.DictReader(f)}
-    assert "compile" in shown and shown <= set(report.TABLE_MODES)
+    measured = {m for kind in ("cells", "light", "blocks") for c in stored.get(kind, [])
+                for m in c["modes"]}
+    assert shown == measured  # every measured mode is in the tables, none hidden
+    assert md.startswith("# convbn_pass benchmark")
+
+
+def test_a_new_policy_is_a_mode_and_a_column_everywhere(monkeypatch):
+    """The mode table is built from convbn_pass.POLICIES: a policy added there is a
+    default mode, compiled before the noise-only one, and the report's tables and
+    targets carry it without another edit."""
+    monkeypatch.setitem(convbn_pass.POLICIES, "extra", "a policy only this test has")
+    modes = harness._modes()
+    names = list(modes)
+    assert modes["pass_extra"].policy == "extra" and modes["pass_extra"].default
+    assert names.index("pass_keep_weight") < names.index("pass_extra") < names.index(
+        "compile_again")
+    monkeypatch.setattr(harness, "MODES", modes)
+    monkeypatch.setattr(report, "MODES", modes)
+    cell = _cell(90, 1.0, 1.0)
+    cell.modes["pass_extra"] = records.ModeResult("pass_extra", saved_bytes=85, first_s=10.0,
+                                                  ratio=1.0, ratio_q1=1.0, ratio_q3=1.0)
+    md = report.markdown(records.RunResult(cells=[cell]))
+    assert "compile extra" in md  # the compile target's column
+    memory_header = next(line for line in md.splitlines() if line.startswith("| model")
+                         and "auto tuned" in line)
+    assert "pass_extra" in memory_header
+    assert report.targets(cell)["compile_extra"] == (1.0, True)
+
+
+def test_block_study_auto_column_is_the_pass_decision():
+    """The block table's `auto` is the pass's own decision in the whole model: on CPU
+    the ResNet stem (BN -> ReLU -> max-pool) stays in Eval mode although its
+    activation outweighs its weight, which the ratio alone would tune."""
+    from benchmarks import blocks
+    found = {b.paths[0]: b for b, _ in blocks.model_blocks("resnet_tiny", 2, 32)}
+    stem = found["conv1"]
+    assert stem.act_over_weight >= convbn_pass.AUTO_RATIO
+    assert stem.auto_action == "skip"
+    assert {b.auto_action for b in found.values()} <= {"tune", "skip"}
+
+
+def test_a_failing_fresh_process_is_one_error_value():
+    """harness.spawn, the one way benchmarks start fresh processes: a worker that fails
+    gives its last stderr line as the result's error, not an exception."""
+    done = harness.spawn("benchmarks.no_such_worker", {"model": "x"})
+    assert done.result == {"error": done.stderr.strip().splitlines()[-1]}
+    assert "No module named benchmarks.no_such_worker" in done.result["error"]

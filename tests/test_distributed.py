@@ -8,7 +8,7 @@ process keeps for the same per-rank batch), the same with FSDP2's bfloat16
 mixed precision (error against float64 next to the same setup without the
 pass), and DDP over ``compile_regions``. ``torch.compile(DDP(model))`` and
 ``torch.compile(fully_shard(model))`` compile no graph for a model whose forward
-is torch.nn code (an ``nn.Sequential``): see ``benchmarks/wrapped_compile.py``.
+is torch.nn code (an ``nn.Sequential``): see ``benchmarks/results/wrapped-compile``.
 The graph splitting that ``torch.compile(DDP(model))`` applies at bucket
 boundaries (DDPOptimizer) is tested in-process by running DDPOptimizer itself as
 the backend.

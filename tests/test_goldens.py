@@ -14,7 +14,7 @@ from convbn_pass import backends, zoo
 from convbn_pass.printing import format_graph
 
 
-class Pair(nn.Module):
+class Block(nn.Module):
     """``relu(bn(conv(x)))``; with ``reuse`` the conv output is also added back."""
 
     def __init__(self, conv: nn.Module, bn: nn.Module, reuse: bool = False) -> None:
@@ -31,7 +31,7 @@ def rewritten(conv: nn.Module, bn: nn.Module, x_shape: tuple[int, ...],
               reuse: bool = False, policy: str = "memory",
               autocast: torch.dtype | None = None) -> str:
     """The Dynamo graph of ``relu(bn(conv(x)))`` after the pass, normalised."""
-    return _dynamo_graph(zoo.randomize_bn(Pair(conv, bn, reuse)).eval(), x_shape, policy,
+    return _dynamo_graph(zoo.randomize_bn(Block(conv, bn, reuse)).eval(), x_shape, policy,
                          autocast)
 
 
@@ -124,6 +124,21 @@ def forward(conv.weight, conv.bias, x, bn.running_mean, bn.running_var):
     scale_weight = algebra.scale_weight(conv.weight, bn_scale)  # recompute
     fuse_bias = algebra.fuse_bias(conv.bias, bn.running_mean, bn_scale, None, conv.weight)  # recompute
     y = F.linear(x, scale_weight, fuse_bias)
+    out = torch.relu(y)
+    return (out,)
+""")
+
+    def test_conv2d_instance_norm(self):
+        # InstanceNorm with running statistics, in eval mode: the same terms as BatchNorm.
+        self.assertExpectedInline(
+            rewritten(nn.Conv2d(4, 6, 3, padding=1),
+                      nn.InstanceNorm2d(6, affine=True, track_running_stats=True),
+                      (2, 4, 8, 8)), """\
+def forward(conv.weight, conv.bias, x, bn.running_mean, bn.running_var, bn.weight, bn.bias):
+    bn_scale = algebra.bn_scale(bn.running_var, bn.weight, 1e-05)  # recompute
+    scale_weight = algebra.scale_weight(conv.weight, bn_scale)  # recompute
+    fuse_bias = algebra.fuse_bias(conv.bias, bn.running_mean, bn_scale, bn.bias, conv.weight)  # recompute
+    y = F.conv2d(x, scale_weight, fuse_bias, (1, 1), (1, 1), (1, 1), 1)
     out = torch.relu(y)
     return (out,)
 """)

@@ -27,6 +27,7 @@ import convbn_pass
 from convbn_pass import inspect as cli
 from convbn_pass import report as report_module
 from convbn_pass import zoo
+from convbn_pass.core.records import Tally, tally
 
 # resnet_tiny (12 conv-BN pairs) at its own input, batch 4 at 32x32: a few seconds a compile.
 TINY = ["resnet_tiny", "--quiet"]
@@ -138,11 +139,13 @@ Activation memory saved for backward, one forward/backward step, light backend:
 """)
 
     def test_graphs_before_and_after(self) -> None:
+        """--graphs: the graphs alone on stdout (so that ``| head`` shows graphs), each
+        under a header; the report on stderr."""
         with _test_models():
-            status, out, _ = _run(f"{MODELS}:block", "--shape", "3,8,8", "--batch", "2",
-                                  "--graphs", "both", "--quiet")
+            status, out, err = _run(f"{MODELS}:block", "--shape", "3,8,8", "--batch", "2",
+                                    "--graphs", "both", "--quiet")
         self.assertEqual(status, 0)
-        self.assertExpectedInline(_ascii(out), """\
+        self.assertExpectedInline(_ascii(err), """\
 convbn_pass.inspect: inspect_test_models:block: Sequential from inspect_test_models:block()
 input     [2, 3, 8, 8] float32 on cpu, static shapes, BatchNorm in eval mode
 policy    auto: tune where the conv output outweighs the weight, else keep Eval mode
@@ -161,8 +164,9 @@ Activation memory saved for backward, one forward/backward step, light backend:
   without the pass  5,120 bytes  (5.1 kB)
   with the pass     2,048 bytes  (2.0 kB)
   saved             3,072 bytes  (3.1 kB, 60.0%)
-
-Graph 1 of 1, before the pass:
+""")
+        self.assertExpectedInline(out, """\
+# graph 1 of 1, before the pass
 def forward(0.weight, args_0, 1.running_mean, 1.running_var, 1.weight, 1.bias, 3.weight, 3.bias, 4.running_mean, 4.running_var, 4.weight, 4.bias):
     input_1 = F.conv2d(args_0, 0.weight, None, (1, 1), (1, 1), (1, 1), 1)
     input_2 = F.batch_norm(input_1, 1.running_mean, 1.running_var, 1.weight, 1.bias, False, 0.1, 1e-05)
@@ -171,7 +175,7 @@ def forward(0.weight, args_0, 1.running_mean, 1.running_var, 1.weight, 1.bias, 3
     input_5 = F.batch_norm(input_4, 4.running_mean, 4.running_var, 4.weight, 4.bias, False, 0.1, 1e-05)
     return (input_5,)
 
-Graph 1 of 1, after the pass:
+# graph 1 of 1, after the pass
 def forward(0.weight, args_0, 1.running_mean, 1.running_var, 1.weight, 1.bias, 3.weight, 3.bias, 4.running_mean, 4.running_var, 4.weight, 4.bias):
     bn_scale = algebra.bn_scale(1.running_var, 1.weight, 1e-05)  # recompute
     scale_weight = algebra.scale_weight(0.weight, bn_scale)  # recompute
@@ -183,6 +187,7 @@ def forward(0.weight, args_0, 1.running_mean, 1.running_var, 1.weight, 1.bias, 3
     fuse_bias_1 = algebra.fuse_bias(3.bias, 4.running_mean, bn_scale_1, 4.bias, 3.weight)  # recompute
     input_4 = F.conv2d(input_3, scale_weight_1, fuse_bias_1, (1, 1), (0, 0), (1, 1), 1)
     return (input_4,)
+
 """)
 
 
@@ -232,6 +237,28 @@ def test_json_fields_are_the_compilers_records() -> None:
     assert after.count("# recompute") == 3 * totals["tuned"]
     assert set(report["timings_s"]) == {"compile_without_pass", "measure_without_pass",
                                         "compile_with_pass", "measure_with_pass"}
+
+
+def _decision(action: str, reason: str) -> convbn_pass.Decision:
+    return convbn_pass.Decision(1, "conv", "bn", "conv2d", convbn_pass.Action(action),
+                                convbn_pass.Reason(reason), "", None, None)
+
+
+@pytest.mark.parametrize("decided,expected", [
+    pytest.param([], Tally(0, 0, 0, 0, {}), id="none"),
+    pytest.param([("tune", "tuned"), ("tune_keep_weight", "tuned")], Tally(2, 2, 1, 0, {}),
+                 id="tuned-both-ways"),
+    pytest.param([("skip", "policy_eval"), ("tune", "tuned"), ("skip", "bn_training"),
+                  ("skip", "policy_eval")], Tally(4, 1, 0, 3, {"bn_training": 1, "policy_eval": 2}),
+                 id="skipped-by-reason-in-key-order"),
+])
+def test_tally(decided: list[tuple[str, str]], expected: Tally) -> None:
+    """The one count of decisions the report's totals, the benchmarks and the zoo
+    tests use; report rows count as their decisions do."""
+    decisions = [_decision(*d) for d in decided]
+    assert tally(decisions) == expected
+    assert list(tally(decisions).skipped_by_reason) == sorted(expected.skipped_by_reason)
+    assert tally(report_module.rows_of([decisions])) == expected
 
 
 def test_train_mode_tunes_nothing_and_says_why() -> None:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import convbn_pass
+from helpers import run_fresh
 
 
 def test_a_folder_named_like_the_package_does_not_shadow_it(tmp_path: Path) -> None:
@@ -37,3 +38,20 @@ def test_the_cache_key_hashes_the_core_and_nothing_else() -> None:
         text = path.read_text()
         assert not any(line.lstrip().startswith(("from ..", "import convbn_pass", "from convbn_pass"))
                        for line in text.splitlines()), path.name
+
+
+def test_tools_are_attributes_of_the_package() -> None:
+    """``convbn_pass.backends.light``, as the README writes it, after ``import
+    convbn_pass`` alone (a fresh process, so no earlier import helps), and the tool is
+    loaded only then."""
+    got = run_fresh("""
+        import json, sys
+        import convbn_pass
+        loaded_at_import = "convbn_pass.backends" in sys.modules
+        print(json.dumps([loaded_at_import, callable(convbn_pass.backends.light),
+                          callable(convbn_pass.zoo.randomize_bn)]))
+    """)
+    assert got == [False, True, True]
+    # Every tool module of the package is one.
+    package = Path(convbn_pass.__file__).parent
+    assert set(convbn_pass._SUBMODULES) == {p.stem for p in package.glob("*.py")} - {"__init__"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 
 import pytest
 import torch
@@ -50,6 +51,43 @@ def test_enable_twice_is_harmless():
     assert current.before == () and current.policy == "memory"
     convbn_pass.disable()
     assert inductor_config.pre_grad_custom_pass is None
+
+
+def _stale_graphs_warned(steps: str) -> list[str]:
+    """Run ``steps`` (compile with ``options()``, compile ``plain`` without the pass,
+    ``reset`` Dynamo), then enable(): the stale-graph warnings it gives."""
+    x = sample("conv2d")
+    for step in steps.split():
+        if step == "options":
+            torch.compile(block("conv2d"), options=convbn_pass.options("memory"))(x)
+        elif step == "plain":
+            torch.compile(block("conv2d"), backend="eager")(x)
+        else:
+            assert step == "reset", step
+            torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        convbn_pass.enable("memory")
+    return [str(w.message).split(", and Dynamo reuses")[0] for w in seen
+            if "already compiled" in str(w.message)]
+
+
+@pytest.mark.inductor
+@pytest.mark.parametrize("steps,stale", [
+    # The graph had the pass, and Dynamo was reset anyway.
+    pytest.param("options reset", 0, id="options-reset"),
+    pytest.param("options reset options", 0, id="options-reset-options"),
+    pytest.param("options", 0, id="options"),
+    pytest.param("plain", 1, id="plain"),
+    pytest.param("options plain", 1, id="options-plain"),
+    # The reset drops the first plain graph; the second counts.
+    pytest.param("plain options reset plain", 1, id="plain-options-reset-plain"),
+])
+def test_enable_counts_graphs_compiled_without_the_pass_since_reset(steps, stale):
+    warned = _stale_graphs_warned(steps)
+    assert warned == ([f"convbn_pass.enable(): {stale} graph(s) were already compiled in "
+                       "this process without the pass since Dynamo was last reset"]
+                      if stale else [])
 
 
 def test_user_pass_keeps_running_and_comes_back(user_pass):

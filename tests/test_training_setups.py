@@ -18,8 +18,8 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 import convbn_pass
 from convbn_pass import backends, memory, zoo
 from convbn_pass.core.records import COUNTER
-from helpers import (Step, block, errors, inductor, inductor_options, light, rel_err, sample,
-                     tuned)
+from helpers import (Step, block, errors, inductor, inductor_options, light, rel_err, run_fresh,
+                     sample, tuned)
 
 TOL = 1e-10
 
@@ -284,21 +284,60 @@ def test_warm_caches_stay_correct_and_keyed_by_options(tmp_path, monkeypatch):
         return hits, n_tuned, served, saved, worst
 
     monkeypatch.setattr(convbn_pass.core.inductor._cache_watch, "warned", False)
-    # Warned once: already in the cold run, where the step under saved-tensor hooks
-    # recompiles into the same graph, which the cache serves.
+    # Warned once, when a compile is served from the cache: the cold run's first
+    # compile (forward, then its backward compiled lazily) is not; its second
+    # compile, after torch._dynamo.reset(), already is.
     with torch._functorch.config.patch(enable_autograd_cache=True), \
             pytest.warns(UserWarning, match="served from Inductor's cache"):
-        hits0, tuned0, _, saved0, err0 = run("memory")   # cold
+        hits0, tuned0, served0, saved0, err0 = run("memory")   # cold
         hits1, tuned1, served1, saved1, err1 = run("memory")   # warm, same options
         _, tuned2, _, saved2, _ = run("keep_weight")     # other options
         _, tuned3, _, saved3, _ = run(None)              # no pass
-    assert hits0 == 0 and tuned0 >= 1
+    assert hits0 == 0 and tuned0 >= 1 and served0 == 0
     # reused, still right, and the counters say why no block is listed
     assert hits1 >= 1 and saved1 == saved0 and err1 <= 1e-5
     assert tuned1 == 0 and served1 >= 1
     assert tuned2 >= 1 and saved2 > saved0   # recompiled: W′ kept
     assert tuned3 == 0 and saved3 > saved0   # recompiled: no rewrite
     assert err0 <= 1e-5
+
+
+# A new user's first step: compile, forward, backward, in a process of its own.
+_FIRST_STEP = """
+    import json, sys, warnings
+    import torch
+    import convbn_pass
+    from convbn_pass import zoo
+    from torch._dynamo.utils import counters
+
+    model = zoo.randomize_bn(torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3),
+                                                 torch.nn.BatchNorm2d(16))).eval()
+    if sys.argv[1] == "enable":
+        convbn_pass.enable("memory")
+        compiled = torch.compile(model)
+    else:
+        compiled = torch.compile(model, options=convbn_pass.options("memory"))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        compiled(torch.randn(2, 8, 9, 9)).sum().backward()
+    print(json.dumps({"counters": {k: v for k, v in counters["convbn_pass"].items() if v},
+                      "warnings": [str(w.message) for w in seen
+                                   if "convbn_pass" in str(w.message)]}))
+"""
+
+
+@pytest.mark.inductor
+@pytest.mark.parametrize("how", ["options", "enable"])
+def test_cache_cold_process_warns_nothing_warm_process_warns(tmp_path, how):
+    """An empty cache dir: the pass runs and nothing is said (the backward, compiled
+    lazily at .backward(), keys its graph with the pass's uuid() but is no cache hit).
+    A second process on the same cache dir is served from AOTAutograd's cache: the
+    pass does not run, and that is counted and said once."""
+    cold = run_fresh(_FIRST_STEP, how, TORCHINDUCTOR_CACHE_DIR=str(tmp_path))
+    assert cold == {"counters": {"tuned": 1}, "warnings": []}
+    warm = run_fresh(_FIRST_STEP, how, TORCHINDUCTOR_CACHE_DIR=str(tmp_path))
+    assert warm["counters"] == {"served_from_cache": 1}
+    assert len(warm["warnings"]) == 1 and "served from Inductor's cache" in warm["warnings"][0]
 
 
 # --- Other pre-grad passes -------------------------------------------------------------------

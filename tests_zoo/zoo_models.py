@@ -21,7 +21,6 @@ imports (and the zoo tests are collected, then skipped) where they do not.
 
 from __future__ import annotations
 
-import collections
 import copy
 import dataclasses
 import operator
@@ -38,9 +37,10 @@ import convbn_pass
 import convbn_pass.backends
 import convbn_pass.memory
 from convbn_pass import Decision, GraphRewrite
+from convbn_pass.core.records import tally
 
 __all__ = [
-    "Case", "CASES", "CASE_IDS", "Errors", "Pair", "PolicyRun", "Step", "ZooRun",
+    "Case", "CASES", "CASE_IDS", "Errors", "EligiblePair", "PolicyRun", "Step", "ZooRun",
     "randomize_norms", "freeze_batchnorm", "eligible_pairs", "eager_pairs",
     "train_step", "scaled_errors", "measure", "measure_fresh", "build", "sample", "kept_graphs",
 ]
@@ -390,7 +390,9 @@ def sample(case: Case, seed: int = 1, dtype: torch.dtype = torch.float64) -> tor
 # Pairs counted independently of the pass.
 # ---------------------------------------------------------------------------
 
-class Pair(NamedTuple):
+class EligiblePair(NamedTuple):
+    """A pair this module's own reading of the graph finds, apart from the pass's."""
+
     conv: str    # module path of the conv/linear: "layer1.0.conv1"
     norm: str    # module path of the BatchNorm (or frozen BN)
     kind: str    # "batch_norm" or "affine"
@@ -509,13 +511,13 @@ def _follower(out: fx.Node) -> str | None:
     return None
 
 
-def _pair(conv: fx.Node, norm: fx.Node, out: fx.Node, kind: str) -> Pair:
+def _pair(conv: fx.Node, norm: fx.Node, out: fx.Node, kind: str) -> EligiblePair:
     weight = conv.args[1] if len(conv.args) > 1 else conv.kwargs["weight"]
-    return Pair(_path(conv), _path(norm), kind, _value(conv).numel(),  # type: ignore[union-attr]
+    return EligiblePair(_path(conv), _path(norm), kind, _value(conv).numel(),  # type: ignore[union-attr]
                 _value(weight).numel(), _follower(out))  # type: ignore[union-attr]
 
 
-def eligible_pairs(gm: fx.GraphModule) -> list[Pair]:
+def eligible_pairs(gm: fx.GraphModule) -> list[EligiblePair]:
     """The pairs in one Dynamo graph that Tune mode may rewrite, counted without
     the pass: an eval-mode BatchNorm call or a frozen-BN affine reading a conv or
     linear whose output nothing else reads (see :func:`_eval_bn_pair`,
@@ -659,7 +661,7 @@ class _Recorder:
     def __init__(self, policy: str | None) -> None:
         self.rewrites: list[GraphRewrite] = []
         self.inner = convbn_pass.backends.light(policy, on_graph=self.rewrites.append)
-        self.graphs: list[tuple[GraphKey, list[Pair]]] = []
+        self.graphs: list[tuple[GraphKey, list[EligiblePair]]] = []
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Any) -> Any:
         self.graphs.append((_graph_key(), eligible_pairs(gm)))
@@ -683,7 +685,7 @@ class PolicyRun:
     errors: Errors
     saved_bytes: int                    # activations kept for backward
     decisions: list[Decision]           # from the pass's on_graph callback, graphs Dynamo kept
-    eligible: list[Pair]                # counted independently, same graphs
+    eligible: list[EligiblePair]                # counted independently, same graphs
     graphs: int                         # graphs Dynamo compiled
     seconds: float
 
@@ -692,9 +694,9 @@ class PolicyRun:
         return [d for d in self.decisions if d.tuned]
 
     @property
-    def skips(self) -> collections.Counter[str]:
+    def skips(self) -> dict[str, int]:
         """Reasons of the pairs left alone (their stable strings), with counts."""
-        return collections.Counter(str(d.reason) for d in self.decisions if not d.tuned)
+        return tally(self.decisions).skipped_by_reason
 
 
 @dataclasses.dataclass

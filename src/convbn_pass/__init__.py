@@ -17,6 +17,7 @@ is no longer kept for backward.
 
 from __future__ import annotations
 
+import importlib
 from typing import Any, Sequence
 
 import torch
@@ -36,6 +37,22 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+# The tools beside the pass, importable as attributes (``convbn_pass.backends.light``)
+# without ``import convbn_pass.backends`` first, and loaded only when first used:
+# backends alone adds about 0.7 s to ``import convbn_pass`` (functorch.compile).
+_SUBMODULES = ("backends", "deploy", "inspect", "memory", "models", "printing", "regions",
+               "report", "step", "zoo")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_SUBMODULES})
 
 
 def apply(gm: fx.GraphModule, example_inputs: Sequence[Any] | None = None, *,
@@ -63,18 +80,19 @@ def apply(gm: fx.GraphModule, example_inputs: Sequence[Any] | None = None, *,
 
 def _guard_module_modes(gm: fx.GraphModule, decided: list[Decision]) -> None:
     tuned = [d.bn for d in decided if d.tuned]
-    modules = [m for m in (_get(gm, path) for path in tuned)
-               if m is not None and norm_module_form(m) is not None]
-    if not modules:
+    rows = [(m, row) for m in (_get(gm, path) for path in tuned)
+            if m is not None and (row := norm_module_form(m)) is not None]
+    if not rows:
         return
 
     def check(module: torch.nn.Module, args: Any) -> None:
-        for bn in modules:
-            if bn.training:
+        for norm, row in rows:
+            assert row.module_batch_stats is not None
+            if row.module_batch_stats(norm):
                 raise RuntimeError(
-                    "convbn_pass.apply() rewrote this graph while its BatchNorm modules "
-                    "were in eval mode; one is now in training mode. Trace and apply "
-                    "again, or switch the BatchNorm back with .eval().")
+                    "convbn_pass.apply() rewrote this graph while its norm modules used "
+                    f"running statistics; {type(norm).__name__} now uses batch statistics "
+                    "(training mode). Trace and apply again, or switch it back with .eval().")
 
     gm.register_forward_pre_hook(check)
 

@@ -39,7 +39,7 @@ import torch.nn as nn
 
 from .core.forms import conv_module_form, norm_module_form
 from .core.match import find_candidates
-from .regions import Pair, first_norm_tensor, owner_of, tensor_owners
+from .regions import PlacedPair, first_norm_tensor, owner_of, tensor_owners
 
 __all__ = ["Outside", "GraphRuns", "outside", "seen_pairs", "HINTS"]
 
@@ -176,7 +176,7 @@ def seen_pairs(model: nn.Module, *inputs: Any) -> list[tuple[str, str]]:
     return pairs
 
 
-def outside(pairs: tuple[Sequence[Pair], Sequence[tuple[str, str]]],
+def outside(pairs: tuple[Sequence[PlacedPair], Sequence[tuple[str, str]]],
             runs: GraphRuns) -> list[Outside]:
     """The pairs that no compiled graph run held, each with its reason, in the order
     they ran, each once. ``pairs``: what :func:`~convbn_pass.regions.find_pairs` found

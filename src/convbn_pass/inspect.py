@@ -29,7 +29,10 @@ partitioning and light does not, so the two can keep different tensors and
 their byte figures differ; the report names the backend that produced them.
 
 Progress goes to stderr; stdout carries only the report (``convbn_pass.report``
-documents the JSON schema). Exit status: 0 on success (a model without candidate
+documents the JSON schema). With ``--graphs`` (text format) the graphs asked for
+are the output: stdout carries them alone, each under a ``# graph i of n``
+header, and the report goes to stderr, so that ``--graphs after | head`` and
+``--graphs after > graphs.txt`` get graphs (the JSON keeps both in one document). Exit status: 0 on success (a model without candidate
 pairs included), 2 for bad input (one line on stderr; ``--debug`` adds the
 traceback), 1 when compiling or measuring fails.
 
@@ -64,7 +67,7 @@ from . import backends, coverage, memory, models, regions, report
 from .core import compat
 from .core.inductor import GraphRewrite, user_passes
 from .printing import format_graph
-from .core.records import COUNTER, current_compile_id
+from .core.records import COUNTER, current_compile_id, tally
 from .step import train_step
 
 __all__ = ["main"]
@@ -123,7 +126,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="; ".join(f"{k}: {v}" for k, v in report.BACKENDS.items())
                    + " (default light: inductor compiles slower)")
     p.add_argument("--graphs", choices=("none", "before", "after", "both"), default="none",
-                   help="graphs to print in the report (default none)")
+                   help="print these graphs on stdout, the report then on stderr (default none)")
     p.add_argument("--regions", metavar="SPEC",
                    help="compile nothing; show the regions compile_regions would compile and "
                    "the pairs they would separate. SPEC: auto (the outermost modules that "
@@ -330,7 +333,7 @@ def _report(args: argparse.Namespace, model: models.Model, x: torch.Tensor, base
     kept = tuned.kept
     show_before = args.graphs in ("before", "both")
     show_after = args.graphs in ("after", "both")
-    pairs = report.pairs_of([r.decisions for r in kept])
+    pairs = report.rows_of([r.decisions for r in kept])
     return report.Report(
         schema_version=report.SCHEMA_VERSION,
         model=report.ModelInfo(model.spec, model.source, model.about),
@@ -341,7 +344,7 @@ def _report(args: argparse.Namespace, model: models.Model, x: torch.Tensor, base
         compiles=report.Compiles(sum(_kept(baseline.seen.graphs)), len(kept),
                                  len(tuned.seen.rewrites) - len(kept)),
         pairs=pairs,
-        totals=report.Totals.of(pairs),
+        totals=tally(pairs),
         counters=tuned.counters,
         outside_graphs=[report.OutsidePair(*o, coverage.HINTS[o.reason]) for o in outside],
         memory=report.Memory.of(args.backend, baseline.saved_bytes, tuned.saved_bytes),
@@ -470,6 +473,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2 if isinstance(exc, _UsageError) else 1
     if args.format == "json":
         _print(json.dumps(result.to_json(), indent=2) + "\n")
+    elif args.graphs != "none":
+        sys.stderr.write(report.text(dataclasses.replace(result, graphs=report.Graphs(None, None))))
+        _print("".join(report.graph_file(texts, when) for when, texts in
+                       (("before", result.graphs.before), ("after", result.graphs.after))
+                       if texts is not None))
     else:
         _print(report.text(result))
     return 0

@@ -90,8 +90,6 @@ def _arg(value: Any, names: dict[fx.Node, str]) -> str:
         return "{" + ", ".join(f"{k!r}: {_arg(v, names)}" for k, v in value.items()) + "}"
     if isinstance(value, torch.dtype):
         return str(value)
-    if isinstance(value, float):
-        return repr(value)
     return repr(value)
 
 

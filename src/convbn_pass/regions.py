@@ -59,18 +59,18 @@ from .core import policy as _policy
 from .core.match import find_candidates, module_path
 from .core.records import Reason
 
-__all__ = ["Pair", "SplitPair", "RegionPlan", "find_pairs", "tensor_owners", "owner_of",
-           "first_norm_tensor", "auto_regions", "split_pairs",
-           "plan_regions", "compile_regions", "uncompile_regions", "describe"]
+__all__ = ["PlacedPair", "Pair", "SplitPair", "RegionPlan", "find_pairs", "tensor_owners",
+           "owner_of", "first_norm_tensor", "auto_regions", "split_pairs", "plan_regions",
+           "compile_regions", "uncompile_regions", "describe"]
 
-_ATTR = "_convbn_region_compiled"
-_TRACE_RECOMPILE_LIMIT = 4096  # compiles of one code object that the pair-finding trace may make  # the compiled function, in a compiled module's __dict__
+_ATTR = "_convbn_region_compiled"  # the compiled function, in a compiled module's __dict__
+_TRACE_RECOMPILE_LIMIT = 4096  # compiles of one code object that the pair-finding trace may make
 
 Regions = Sequence[str] | type | tuple[type, ...] | None
 
 
 @dataclasses.dataclass(frozen=True)
-class Pair:
+class PlacedPair:
     """One Conv→BatchNorm pair as the pass sees it, placed in the module tree."""
 
     conv: str                    # module path of the conv ("layer1.0.conv1")
@@ -92,21 +92,25 @@ class Pair:
         return common
 
 
+# The earlier name of PlacedPair, kept so that code written against it still runs.
+Pair = PlacedPair
+
+
 class SplitPair(NamedTuple):
-    pair: Pair
+    pair: PlacedPair
     conv_region: str | None  # the region the conv runs in, None: outside every region
     bn_region: str | None    # the region the BatchNorm runs in, None: outside every region
 
 
 class RegionPlan(NamedTuple):
-    pairs: tuple[Pair, ...]              # every pair of the traced forward, graph order
+    pairs: tuple[PlacedPair, ...]        # every pair of the traced forward, graph order
     regions: tuple[str, ...]             # module paths compiled one by one
     root: bool                           # the root's forward is compiled too: some pair
     #                                      lies outside every region
     split: tuple[SplitPair, ...]         # pairs a region boundary separates
     groups: tuple[tuple[str, ...], ...]  # regions sharing one compiled function
 
-    def region_of(self, pair: Pair) -> str | None:
+    def region_of(self, pair: PlacedPair) -> str | None:
         """The region whose graph holds ``pair`` ("" for the root's graph), or None
         if the pair is split or runs uncompiled."""
         conv, bn = _region_in(pair.conv_calls, self.regions), _region_in(pair.bn_calls,
@@ -122,7 +126,7 @@ class RegionPlan(NamedTuple):
 # Finding the pairs.
 # ---------------------------------------------------------------------------
 
-def find_pairs(model: nn.Module, example_inputs: Any) -> tuple[Pair, ...]:
+def find_pairs(model: nn.Module, example_inputs: Any) -> tuple[PlacedPair, ...]:
     """Every Conv→BatchNorm pair ``model``'s forward runs on ``example_inputs``, one
     per execution, in the order they ran.
 
@@ -142,7 +146,7 @@ def find_pairs(model: nn.Module, example_inputs: Any) -> tuple[Pair, ...]:
     paths = {id(m): path for path, m in model.named_modules(remove_duplicate=False)}
     owners = tensor_owners(model)
     read: dict[int, tuple[list[Any], dict[str, Any], list[fx.Node]]] = {}
-    pairs: list[Pair] = []
+    pairs: list[PlacedPair] = []
     for graph, args in _trace(model, _as_tuple(example_inputs)):
         if id(graph) not in read:
             read[id(graph)] = (find_candidates(graph), _stacks(graph),
@@ -159,7 +163,7 @@ def find_pairs(model: nn.Module, example_inputs: Any) -> tuple[Pair, ...]:
             bn_now = owner_of(first_norm_tensor(cand), inputs, owners)
             conv_calls = _moved(conv_calls, conv, conv_now)
             bn_calls = _moved(bn_calls, bn, bn_now)
-            pairs.append(Pair(conv_now or conv, bn_now or bn, str(cand.op),
+            pairs.append(PlacedPair(conv_now or conv, bn_now or bn, str(cand.op),
                               conv_calls, bn_calls, cand.reject))
     return tuple(pairs)
 
@@ -268,7 +272,7 @@ def _cuda_devices(model: nn.Module) -> list[int]:
 # Choosing and checking regions.
 # ---------------------------------------------------------------------------
 
-def auto_regions(pairs: Iterable[Pair]) -> tuple[str, ...]:
+def auto_regions(pairs: Iterable[PlacedPair]) -> tuple[str, ...]:
     """The outermost holders below the root: each pair's innermost module calling
     both its conv and its BatchNorm, less those nested in another holder.
 
@@ -281,11 +285,11 @@ def auto_regions(pairs: Iterable[Pair]) -> tuple[str, ...]:
                         key=_path_key))
 
 
-def split_pairs(pairs: Iterable[Pair], regions: Sequence[str]) -> tuple[SplitPair, ...]:
+def split_pairs(pairs: Iterable[PlacedPair], regions: Sequence[str]) -> tuple[SplitPair, ...]:
     """The pairs whose conv and BatchNorm would run in different regions (or one
     in a region and one outside all), for the region list ``regions``.
 
-    >>> p = Pair("block.conv", "bn", "conv2d", ("block", "block.conv"), ("bn",))
+    >>> p = PlacedPair("block.conv", "bn", "conv2d", ("block", "block.conv"), ("bn",))
     >>> [(s.conv_region, s.bn_region) for s in split_pairs([p], ["block"])]
     [('block', None)]
     """

@@ -58,13 +58,12 @@ torch version.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 from typing import Any, Sequence
 
-from .core.records import Action, Decision, Reason
+from .core.records import Action, Decision, Reason, Tally
 
-__all__ = ["Report", "Pair", "SCHEMA_VERSION", "text", "pairs_of", "BACKENDS", "PROG"]
+__all__ = ["Report", "ReportRow", "SCHEMA_VERSION", "text", "rows_of", "BACKENDS", "PROG"]
 
 SCHEMA_VERSION = 1
 PROG = "convbn_pass.inspect"
@@ -106,7 +105,10 @@ class Compiles:
 
 
 @dataclasses.dataclass(frozen=True)
-class Pair:
+class ReportRow:
+    """One decision as the report lists it (``"pairs"`` in the JSON): a
+    :class:`~convbn_pass.Decision` with the graph numbered within this run."""
+
     graph: int
     conv: str
     bn: str
@@ -116,22 +118,6 @@ class Pair:
     detail: str
     weight_numel: int | None
     activation_numel: int | None
-
-
-@dataclasses.dataclass(frozen=True)
-class Totals:
-    candidates: int
-    tuned: int
-    tuned_keep_weight: int
-    skipped: int
-    skipped_by_reason: dict[str, int]
-
-    @classmethod
-    def of(cls, pairs: Sequence[Pair]) -> "Totals":
-        skipped = collections.Counter(str(p.reason) for p in pairs if p.action is Action.SKIP)
-        return cls(len(pairs), sum(p.action.tuned for p in pairs),
-                   sum(p.action is Action.TUNE_KEEP_WEIGHT for p in pairs),
-                   sum(skipped.values()), dict(sorted(skipped.items())))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,8 +171,8 @@ class Report:
     policy: PolicyInfo
     backend: str
     compiles: Compiles
-    pairs: list[Pair]
-    totals: Totals
+    pairs: list[ReportRow]
+    totals: Tally                    # core.records.tally(pairs)
     counters: dict[str, int]
     outside_graphs: list[OutsidePair]
     memory: Memory
@@ -198,9 +184,9 @@ class Report:
         return dataclasses.asdict(self)
 
 
-def pairs_of(graphs: Sequence[Sequence[Decision]]) -> list[Pair]:
-    """One :class:`Pair` per decision, numbered by graph (1, 2, …)."""
-    return [Pair(index, d.conv, d.bn, d.op, d.action, d.reason, d.detail, d.weight_numel,
+def rows_of(graphs: Sequence[Sequence[Decision]]) -> list[ReportRow]:
+    """One :class:`ReportRow` per decision, numbered by graph (1, 2, …)."""
+    return [ReportRow(index, d.conv, d.bn, d.op, d.action, d.reason, d.detail, d.weight_numel,
                  d.activation_numel)
             for index, decided in enumerate(graphs, 1) for d in decided]
 

@@ -341,11 +341,13 @@ def build(name: str) -> tuple[nn.Module, tuple[int, ...], int]:
 
 @torch.no_grad()
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every BatchNorm non-trivial statistics and affine parameters, as a
-    pretrained network has (fresh ones are the identity, which hides bugs)."""
+    """Give every BatchNorm and InstanceNorm non-trivial running statistics (where it
+    tracks them) and affine parameters (where it has them), as a pretrained network
+    has (fresh ones are the identity, which hides bugs)."""
     gen = torch.Generator().manual_seed(seed)
     for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        # _NormBase: the base of nn.BatchNorm*d, SyncBatchNorm and nn.InstanceNorm*d
+        if isinstance(module, nn.modules.batchnorm._NormBase):
             n = module.num_features
             if module.running_mean is not None:
                 module.running_mean.copy_(torch.randn(n, generator=gen) * 0.5)

@@ -11,8 +11,8 @@ from typing import Any, Callable
 import torch
 from torch._inductor import custom_graph_pass
 
-__all__ = ["custom_graph_passes", "inductor_backend", "on_compile", "isolated_recompiles", "TORCH_VERSION",
-           "OLDEST_VERIFIED"]
+__all__ = ["custom_graph_passes", "inductor_backend", "on_compile", "on_compile_registered",
+           "is_dynamo_compile", "isolated_recompiles", "TORCH_VERSION", "OLDEST_VERIFIED"]
 
 TORCH_VERSION: tuple[int, int] = tuple(  # type: ignore[assignment]
     int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
@@ -52,6 +52,26 @@ def on_compile(start: Callable[[], None], end: Callable[[], None]) -> bool:
     if end not in callback_handler.end_callbacks:
         callback_handler.register_end_callback(end)
     return True
+
+
+def on_compile_registered(end: Callable[..., None]) -> bool:
+    """Whether ``end`` is among Dynamo's compile-end callbacks: ``on_compile``
+    registered it and no ``torch._dynamo.reset()`` has cleared them since. False
+    where torch has no such hook."""
+    try:
+        from torch._dynamo.callback import callback_handler
+    except ImportError:
+        return False
+    return end in callback_handler.end_callbacks
+
+
+def is_dynamo_compile(*callback_args: Any) -> bool:
+    """Whether the compile that ``on_compile``'s callbacks were called for traces a
+    frame (``CallbackTrigger.DYNAMO``), the only kind that runs pre-grad passes,
+    rather than one started at run time: AOTAutograd's lazily compiled backward,
+    autotuning, CUDA graph recording. True where torch does not say."""
+    trigger = getattr(callback_args[0], "callback_trigger", None) if callback_args else None
+    return trigger is None or getattr(trigger, "name", None) == "DYNAMO"
 
 
 def isolated_recompiles(limit: int) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Every Conv/Linear and BatchNorm form the pass understands, one row each.
+"""Every Conv/Linear and normalisation form the pass understands, one row each.
 
 This is the one place a form is added. ``match`` reads nodes through these rows,
 ``rewrite`` builds the Tune-mode computation from them and ``deploy`` folds
@@ -13,14 +13,33 @@ and how a module of that class is written as a functional call.
 A :class:`NormForm` row says how to read what normalises the conv's output and
 how that gives the Tune-mode terms ``c``, ``μ̂`` and ``β`` (see ``algebra.py``)::
 
-    batch_norm:  c = γ / sqrt(σ̂² + ε)   μ̂ = running_mean   β = bias
-    affine:      c = scale               μ̂ = 0              β = shift
+    batch_norm, instance_norm:  c = γ / sqrt(σ̂² + ε)   μ̂ = running_mean   β = bias
+    affine:                     c = scale               μ̂ = 0              β = shift
 
-Example, a new BatchNorm op in aten graphs (this is how
-``aten.native_batch_norm`` was added: one row, plus its tests)::
+Each row carries the op's own defaults and the name of the flag that chooses
+batch statistics (``training`` for BatchNorm, ``use_input_stats`` for
+InstanceNorm, whose default is True), so a call that leaves the flag out is read
+as the op would run it; the skip reason for batch statistics is the row's too.
 
-    NormForm("batch_norm", _T_BN[:8], targets=(aten.native_batch_norm.default,),
-             output_index=0, terms=_batch_norm_terms)
+Example: ``aten.native_batch_norm`` (what make_fx graphs hold) was added as one
+row of :data:`NORM_FORMS`, plus its tests; a row reads a call's arguments by name,
+the op's own defaults filled in::
+
+    >>> row = _bn_row(_T_BN[:8], aten.native_batch_norm.default, output_index=0)
+    >>> norm_form(aten.native_batch_norm.default) == row
+    True
+    >>> bound = row.bind(("y", "γ", "β", "μ̂", "σ̂²", False, 0.1, 1e-5), {})
+    >>> bound["running_mean"], row.batch_stats(bound), bound["eps"]
+    ('μ̂', False, 1e-05)
+
+``F.instance_norm`` takes BatchNorm's order, but a call that leaves its flag out
+normalises with batch statistics, and its row says so::
+
+    >>> instance = norm_form(F.instance_norm)
+    >>> instance.batch_stats(instance.bind(("y", "μ̂", "σ̂²"), {}))
+    True
+    >>> instance.batch_stats(instance.bind(("y", "μ̂", "σ̂²"), {"use_input_stats": False}))
+    False
 """
 
 from __future__ import annotations
@@ -28,6 +47,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import operator
+import types
 from typing import Any, Callable, Generic, Mapping, NamedTuple, TypeVar
 
 import torch
@@ -35,6 +55,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import algebra
+from .records import Reason
 
 __all__ = ["ConvForm", "NormForm", "TuneTerms", "ModuleCall", "Follow",
            "CONV_FORMS", "NORM_FORMS", "conv_form", "conv_module_form", "norm_form",
@@ -58,21 +79,28 @@ _T_BN = ("input", "weight", "bias", "running_mean", "running_var", "training",
          "momentum", "eps", "cudnn_enabled")
 _BN_NO_TRAIN = ("input", "weight", "bias", "running_mean", "running_var", "momentum",
                 "eps")
-
-# Values of arguments a call may leave out.
-DEFAULTS: dict[str, Any] = {
-    "bias": None, "groups": 1, "transposed": False, "weight": None,
-    "training": False, "momentum": 0.1, "eps": 1e-5,
-}
+_F_IN = ("input", "running_mean", "running_var", "weight", "bias", "use_input_stats",
+         "momentum", "eps")
+_T_IN = ("input", "weight", "bias", "running_mean", "running_var", "use_input_stats",
+         "momentum", "eps", "cudnn_enabled")
 
 
-def bind(args: tuple[Any, ...], kwargs: Mapping[str, Any],
-         params: tuple[str, ...]) -> dict[str, Any]:
-    """A call's arguments by canonical name, defaults filled in."""
-    bound = dict(zip(params, args))
+def _mapping(**values: Any) -> Mapping[str, Any]:
+    """A read-only mapping (rows are frozen and shared)."""
+    return types.MappingProxyType(values)
+
+
+NO_DEFAULTS: Mapping[str, Any] = _mapping()
+
+
+def bind(args: tuple[Any, ...], kwargs: Mapping[str, Any], params: tuple[str, ...],
+         defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """A call's arguments by canonical name; those it leaves out take the row's
+    ``defaults`` (the op's own: they differ between ops, e.g. ``F.batch_norm``'s
+    ``training`` is False where ``F.instance_norm``'s ``use_input_stats`` is True)."""
+    bound = dict(defaults)
+    bound.update(zip(params, args))
     bound.update(kwargs)
-    for name in params:
-        bound.setdefault(name, DEFAULTS.get(name))
     return bound
 
 
@@ -120,6 +148,12 @@ class ConvForm:
     module_call: Callable[[nn.Module], ModuleCall] | None = None
     channel_axis: int = 1            # the output axis that holds the channels
     transposed_arg: str | None = None  # aten.convolution: the argument that says transposed
+    # The op's values for arguments a call leaves out (read-only).
+    defaults: Mapping[str, Any] = dataclasses.field(default_factory=lambda: NO_DEFAULTS,
+                                                    hash=False)
+
+    def bind(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        return bind(args, kwargs, self.params, self.defaults)
 
     @property
     def functional(self) -> Callable[..., Any]:
@@ -138,18 +172,26 @@ def _overloads(packet: Any) -> tuple[Any, ...]:
     return tuple(getattr(packet, name) for name in packet.overloads())
 
 
+# The arguments the pass reads that a conv call may leave out (the rewrite keeps
+# stride, padding and the rest as the call wrote them).
+_CONV_DEFAULTS = _mapping(bias=None, groups=1)
+
+
 def _conv_rows() -> tuple[ConvForm, ...]:
     rows = []
     for d in (1, 2, 3):
         conv, conv_t = f"conv{d}d", f"conv_transpose{d}d"
         rows.append(ConvForm(conv, _CONV, False,
                              (getattr(torch, conv), *_overloads(getattr(aten, conv))),
-                             getattr(nn, f"Conv{d}d"), _conv_module_call))
+                             getattr(nn, f"Conv{d}d"), _conv_module_call,
+                             defaults=_CONV_DEFAULTS))
         rows.append(ConvForm(conv_t, _CONV_T, True,
                              (getattr(torch, conv_t), *_overloads(getattr(aten, conv_t))),
-                             getattr(nn, f"ConvTranspose{d}d"), _conv_t_module_call))
+                             getattr(nn, f"ConvTranspose{d}d"), _conv_t_module_call,
+                             defaults=_CONV_DEFAULTS))
     rows.append(ConvForm("linear", _LINEAR, False, (F.linear, aten.linear.default),
-                         nn.Linear, _linear_module_call, channel_axis=-1))
+                         nn.Linear, _linear_module_call, channel_axis=-1,
+                         defaults=_mapping(bias=None)))
     rows.append(ConvForm("convolution", _CONVOLUTION, False, (aten.convolution.default,),
                          transposed_arg="transposed"))
     return tuple(rows)
@@ -204,7 +246,7 @@ def _affine_terms(call: Call, t: Mapping[str, Any], eps: float) -> TuneTerms[Any
 
 @dataclasses.dataclass(frozen=True)
 class NormForm:
-    name: str                        # "batch_norm", or "affine" (frozen BN: y·scale + shift)
+    name: str                        # "batch_norm", "instance_norm", or "affine" (frozen BN)
     params: tuple[str, ...]          # canonical argument names (call rows), positional order
     tensors: tuple[str, ...]         # the tensor arguments the terms read
     required: tuple[str, ...]        # of those, the ones it cannot do without
@@ -215,37 +257,89 @@ class NormForm:
     forwards: tuple[Callable[..., Any], ...] = ()  # their forward, as stock (else custom)
     output_index: int | None = None  # ops returning a tuple: the index of the output
     axis: int | None = 1             # the channel axis it normalises (None: the conv's)
-    trainable_mode: bool = True      # has a training flag (batch statistics when set)
+    # The op's values for arguments a call leaves out (read-only).
+    defaults: Mapping[str, Any] = dataclasses.field(default_factory=lambda: NO_DEFAULTS,
+                                                    hash=False)
+    stats_flag: str | None = None    # the argument that chooses the statistics ("training",
+    #                                  "use_input_stats"); None: always the running ones
+    flag_means_batch: bool = True    # the flag set means batch statistics (False: running)
+    batch_reason: Reason = Reason.BN_TRAINING  # the skip reason when batch statistics are used
+    # Module rows: whether the module's stock forward normalises with batch statistics.
+    module_batch_stats: Callable[[nn.Module], bool] | None = None
+
+    def bind(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        return bind(args, kwargs, self.params, self.defaults)
+
+    def batch_stats(self, bound: Mapping[str, Any]) -> Any:
+        """Whether a call (its bound arguments) normalises with batch statistics: a
+        bool, or the flag itself (a graph node) when the graph computes it."""
+        if self.stats_flag is None:
+            return False
+        flag = bound[self.stats_flag]
+        if isinstance(flag, (bool, int)):
+            return bool(flag) == self.flag_means_batch
+        return flag
 
 
 _BN_TENSORS = ("running_mean", "running_var", "weight", "bias")
 _BN_STATS = ("running_mean", "running_var")
 
 
-def _bn_row(params: tuple[str, ...], *targets: Any, output_index: int | None = None,
-            trainable_mode: bool = True) -> NormForm:
+def _bn_row(params: tuple[str, ...], *targets: Any, defaults: Mapping[str, Any] = NO_DEFAULTS,
+            stats_flag: str | None = "training", output_index: int | None = None) -> NormForm:
     return NormForm("batch_norm", params, _BN_TENSORS, _BN_STATS, "running_mean",
-                    _batch_norm_terms,
-                    targets=targets, output_index=output_index, trainable_mode=trainable_mode)
+                    _batch_norm_terms, targets=targets, output_index=output_index,
+                    defaults=defaults, stats_flag=stats_flag)
 
+
+def _instance_norm_row(params: tuple[str, ...], *targets: Any,
+                       defaults: Mapping[str, Any] = NO_DEFAULTS) -> NormForm:
+    # Running statistics make InstanceNorm the same per-channel affine as BatchNorm.
+    return NormForm("instance_norm", params, _BN_TENSORS, _BN_STATS, "running_mean",
+                    _batch_norm_terms, targets=targets, defaults=defaults,
+                    stats_flag="use_input_stats", batch_reason=Reason.INPUT_STATS)
+
+
+def _batch_norm_module_stats(module: nn.Module) -> bool:
+    # nn.BatchNorm's forward: batch statistics in training mode, or without buffers.
+    return bool(module.training or (module.running_mean is None and module.running_var is None))
+
+
+def _instance_norm_module_stats(module: nn.Module) -> bool:
+    # nn.InstanceNorm's forward: use_input_stats = training or not track_running_stats.
+    return bool(module.training or not module.track_running_stats)
+
+
+_BN_MODULE = nn.modules.batchnorm._BatchNorm
+_IN_MODULE = nn.modules.instancenorm._InstanceNorm
 
 NORM_FORMS: tuple[NormForm, ...] = (
-    _bn_row(_F_BN, F.batch_norm),
+    _bn_row(_F_BN, F.batch_norm, defaults=_mapping(weight=None, bias=None, training=False,
+                                                    momentum=0.1, eps=1e-5)),
     _bn_row(_T_BN, torch.batch_norm, aten.batch_norm.default),
     _bn_row(_BN_NO_TRAIN, aten._native_batch_norm_legit_no_training.default,
-            output_index=0, trainable_mode=False),
+            stats_flag=None, output_index=0),
     # make_fx / AOT-level graphs: (output, save_mean, save_invstd)
     _bn_row(_T_BN[:8], aten.native_batch_norm.default, output_index=0),
     # nn.BatchNorm1d/2d/3d, SyncBatchNorm and subclasses that keep the stock forward
     NormForm("batch_norm", (), _BN_TENSORS, _BN_STATS, "running_mean", _batch_norm_terms,
-             modules=(nn.modules.batchnorm._BatchNorm,),
-             forwards=(nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward)),
+             modules=(_BN_MODULE,), forwards=(_BN_MODULE.forward, nn.SyncBatchNorm.forward),
+             module_batch_stats=_batch_norm_module_stats),
+    # BatchNorm's argument order, but batch statistics unless use_input_stats=False
+    _instance_norm_row(_F_IN, F.instance_norm,
+                       defaults=_mapping(running_mean=None, running_var=None, weight=None,
+                                         bias=None, use_input_stats=True, momentum=0.1,
+                                         eps=1e-5)),
+    _instance_norm_row(_T_IN, torch.instance_norm, aten.instance_norm.default),
+    # nn.InstanceNorm1d/2d/3d: foldable in eval mode with track_running_stats=True
+    NormForm("instance_norm", (), _BN_TENSORS, _BN_STATS, "running_mean", _batch_norm_terms,
+             modules=(_IN_MODULE,), forwards=(_IN_MODULE.forward,),
+             batch_reason=Reason.INPUT_STATS, module_batch_stats=_instance_norm_module_stats),
 )
 
 # ``conv(x) * scale (+ shift)`` with per-channel scale and shift: what torchvision's
 # and detectron2's FrozenBatchNorm2d become once traced. Matched as a pattern.
-AFFINE = NormForm("affine", (), ("scale", "shift"), ("scale",), "scale", _affine_terms, axis=None,
-                  trainable_mode=False)
+AFFINE = NormForm("affine", (), ("scale", "shift"), ("scale",), "scale", _affine_terms, axis=None)
 
 _NORM_BY_TARGET = {target: row for row in NORM_FORMS for target in row.targets}
 

@@ -83,6 +83,7 @@ class ConvBNPass(CustomGraphPass):
         self.before = tuple(before)
 
     def __call__(self, graph: fx.Graph) -> None:
+        _ledger.watch()
         _cache_watch.runs += 1
         for user_pass in self.before:
             user_pass(graph)
@@ -111,6 +112,7 @@ class ConvBNPass(CustomGraphPass):
 
     def uuid(self) -> Any:
         # Inductor asks for the key only where a cache may serve the compile.
+        _ledger.watch()
         _cache_watch.lookups += 1
         _cache_watch.install()
         befores = []
@@ -125,41 +127,52 @@ class ConvBNPass(CustomGraphPass):
         return f"ConvBNPass(policy={self.policy!r}, ratio={self.ratio!r}, before={self.before!r})"
 
 
+def _cache_hits() -> int:
+    """Compiles served so far by AOTAutograd's cache or Inductor's FX graph cache."""
+    return int(counters["aot_autograd"]["autograd_cache_hit"]
+               + counters["inductor"]["fxgraph_cache_hit"])
+
+
 class _CacheWatch:
     """Says so when a compile that carries the pass is served from AOTAutograd's or
     Inductor's FX graph cache: the cached code is the rewritten one, but the pass
     does not run, so no decision is recorded. Counted as
     ``counters["convbn_pass"]["served_from_cache"]`` and warned about once.
 
-    Inductor asks a pass for its ``uuid()`` only to key a cache, and runs the pass
-    in the same compile unless a cache serves it: a Dynamo compile in which
-    ``uuid()`` was asked for and the pass never ran was served from a cache."""
+    A compile counts when Dynamo traced a frame (pre-grad passes run only there;
+    AOTAutograd's backward, compiled lazily at the first ``.backward()``, also asks
+    for the pass's ``uuid()`` to key its graph but never runs a pre-grad pass), the
+    pass's ``uuid()`` was asked for (Inductor asks only to key a cache), the pass
+    did not run, and a cache reported a hit."""
 
     def __init__(self) -> None:
         self.lookups = self.runs = 0
         self.warned = False
-        self._at_start = (0, 0)
+        self._at_start = (0, 0, 0)
 
     def install(self) -> None:
         compat.on_compile(self.start, self.end)
 
     def start(self, *args: Any) -> None:
-        self._at_start = (self.lookups, self.runs)
+        self._at_start = (self.lookups, self.runs, _cache_hits())
 
     def end(self, *args: Any) -> None:
-        lookups, runs = self._at_start
-        if self.lookups > lookups and self.runs == runs:
-            counters[COUNTER]["served_from_cache"] += 1
-            if not self.warned:
-                self.warned = True
-                warnings.warn(
-                    "convbn_pass: a compile was served from Inductor's cache (AOTAutograd or "
-                    "FX graph cache): its code is the rewritten one from an earlier run, but "
-                    "the pass did not run now, so convbn_pass.decisions() and "
-                    "counters['convbn_pass'] do not list its blocks (counted as "
-                    "'served_from_cache'). Compile with fx_graph_cache=False in the options "
-                    "(and torch._functorch.config.enable_autograd_cache=False) to see them.",
-                    stacklevel=1)
+        lookups, runs, hits = self._at_start
+        served = (compat.is_dynamo_compile(*args) and self.lookups > lookups
+                  and self.runs == runs and _cache_hits() > hits)
+        if not served:
+            return
+        counters[COUNTER]["served_from_cache"] += 1
+        if not self.warned:
+            self.warned = True
+            warnings.warn(
+                "convbn_pass: a compile was served from Inductor's cache (AOTAutograd or "
+                "FX graph cache): its code is the rewritten one from an earlier run, but "
+                "the pass did not run now, so convbn_pass.decisions() and "
+                "counters['convbn_pass'] do not list its blocks (counted as "
+                "'served_from_cache'). Compile with fx_graph_cache=False in the options "
+                "(and torch._functorch.config.enable_autograd_cache=False) to see them.",
+                stacklevel=1)
 
 
 _cache_watch = _CacheWatch()
@@ -173,8 +186,59 @@ def copy_graph(graph: fx.Graph) -> fx.Graph:
     return copied
 
 
-# Dynamo's graph count when the pass was last switched off (or at import).
-_graphs_when_off = 0
+class _GraphLedger:
+    """The graphs Dynamo compiled without the pass since its last reset: what it may
+    reuse for a new instance of the same model class once :func:`enable` installs
+    the pass, so that the pass never runs on it.
+
+    Counted from Dynamo's ``unique_graphs`` at the end of each compile (a compile the
+    pass ran in, or was looked up for, had it). ``torch._dynamo.reset()`` drops the
+    compiled graphs and also the compile callbacks, and that is how a reset is
+    noticed: when the callback is gone, the graphs counted so far are gone too, and
+    the ones compiled since the last count, unwatched, had no pass (the pass, its
+    options and enable()/disable() register the callback before they count).
+    Before the package is first used nothing is watched: the graphs compiled until
+    then all count, a reset among them unseen."""
+
+    def __init__(self) -> None:
+        self.seen = 0          # Dynamo's unique_graphs at the last count
+        self.without = 0       # graphs compiled without the pass since the last reset
+        self.watched = False   # the callback was registered once
+        self._marks = (0, 0)   # the pass's lookups and runs at the last count
+
+    def _marks_now(self) -> tuple[int, int]:
+        return _cache_watch.lookups, _cache_watch.runs
+
+    def _unseen(self) -> int:
+        # Dynamo's counters may have been cleared (counters.clear()): start again there.
+        now = _graphs_compiled()
+        unseen, self.seen = max(now - self.seen, 0), now
+        return unseen
+
+    def watch(self) -> None:
+        """Register the callback if it is not (first use, or Dynamo was reset since)."""
+        if compat.on_compile_registered(self.end):
+            return
+        unseen = self._unseen()
+        self.without = unseen if self.watched else self.without + unseen
+        self.watched = compat.on_compile(self.start, self.end)
+        self._marks = self._marks_now()
+
+    def start(self, *args: Any) -> None:
+        self.end()  # count up to here; this compile's graphs are counted at its end
+
+    def end(self, *args: Any) -> None:
+        new = self._unseen()
+        if self._marks_now() == self._marks:  # the pass neither ran nor was looked up
+            self.without += new
+        self._marks = self._marks_now()
+
+    def stale(self) -> int:
+        self.watch()
+        return self.without
+
+
+_ledger = _GraphLedger()
 
 
 def user_passes() -> tuple[Any, ...]:
@@ -208,14 +272,15 @@ def enable(policy: str = "auto", *, ratio: float = AUTO_RATIO) -> None:
     back on :func:`disable`. Enabling again changes only the options.
     """
     new = ConvBNPass(policy, ratio=ratio, before=user_passes())
-    stale = _graphs_compiled() - _graphs_when_off
+    stale = _ledger.stale()
     if not is_enabled() and stale > 0:
         warnings.warn(
             f"convbn_pass.enable(): {stale} graph(s) were already compiled in this "
-            "process without the pass, and Dynamo reuses a compiled graph for every new "
-            "instance of the same model class, so the pass may not run on it. Compile "
-            "with torch.compile(model, options=convbn_pass.options()) instead, or call "
-            "torch._dynamo.reset() before compiling.",
+            "process without the pass since Dynamo was last reset, and Dynamo reuses a "
+            "compiled graph for every new instance of the same model class, so the pass "
+            "may not run on it. Compile with torch.compile(model, "
+            "options=convbn_pass.options()) instead, or call torch._dynamo.reset() "
+            "before compiling.",
             stacklevel=2,
         )
     inductor_config.pre_grad_custom_pass = new
@@ -223,25 +288,23 @@ def enable(policy: str = "auto", *, ratio: float = AUTO_RATIO) -> None:
 
 def disable() -> None:
     """Stop running the pass; restore the user's own pre-grad pass, if any."""
-    global _graphs_when_off
+    _ledger.watch()
     if _ours_installed():
         before = user_passes()
         inductor_config.pre_grad_custom_pass = (
             None if not before else before[0] if len(before) == 1 else list(before))
-    _graphs_when_off = _graphs_compiled()
 
 
 @contextlib.contextmanager
 def enabled(policy: str = "auto", *, ratio: float = AUTO_RATIO) -> Iterator[None]:
     """``with enabled(): model = torch.compile(model); model(x)`` (compile *and* the
     first call, which is when Dynamo compiles, must be inside)."""
-    global _graphs_when_off
-    saved = (inductor_config.pre_grad_custom_pass, _graphs_when_off)
+    saved = inductor_config.pre_grad_custom_pass
     enable(policy, ratio=ratio)
     try:
         yield
     finally:
-        inductor_config.pre_grad_custom_pass, _graphs_when_off = saved
+        inductor_config.pre_grad_custom_pass = saved
 
 
 def options(policy: str = "auto", *, ratio: float = AUTO_RATIO,
@@ -251,5 +314,6 @@ def options(policy: str = "auto", *, ratio: float = AUTO_RATIO,
     compile only. ``extra`` are further Inductor options, merged in; ``ratio`` and
     ``on_graph`` as for :class:`ConvBNPass`."""
     chosen = ConvBNPass(policy, ratio=ratio, on_graph=on_graph, before=user_passes())
+    _ledger.watch()
     return {"pre_grad_custom_pass": chosen, **extra}
 

@@ -1,13 +1,14 @@
 """Find Conv→BatchNorm candidates in an FX graph, in every form the graph may hold.
 
 A *candidate* is a normalisation node whose input is produced by a conv,
-transposed conv or linear node: a BatchNorm, or a per-channel affine
+transposed conv or linear node: a BatchNorm, an InstanceNorm (foldable when it
+uses running statistics), or a per-channel affine
 ``conv(x) * scale + shift`` (what a FrozenBatchNorm2d becomes once traced; the
 same algebra with nothing to train). Which calls and modules count is the rows
 of ``forms.py``; this module reads a node through its row once, into named
 fields (no argument indices past this point), and gives each candidate either
 ``reject=None`` (it may be rewritten) or a :class:`~convbn_pass.core.records.Reason`
-with a sentence saying why not.
+with a sentence saying why not (a :class:`Reject` while reading).
 
 Graphs come as functional nodes (Dynamo's default), aten nodes (``make_fx``,
 ``torch.export``) or module nodes (``torch.fx.symbolic_trace``, or Dynamo with
@@ -17,20 +18,21 @@ module inlining off); all three read through the same rows.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import operator
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
 from .forms import (ADD_METHODS, ADD_OPS, AFFINE, MUL_METHODS, MUL_OPS, ConvForm, Follow,
-                    NormForm, bind, conv_form, conv_module_form, follow_kind, norm_form,
+                    NormForm, conv_form, conv_module_form, follow_kind, norm_form,
                     norm_module_form)
 from .records import Reason
 
-__all__ = ["Candidate", "ConvSite", "NormSite", "find_candidates", "module_path"]
+__all__ = ["Candidate", "ConvSite", "NormSite", "Reject", "find_candidates", "module_path"]
 
 # A tensor argument: a graph node, the dotted path of a module attribute (module
 # form, turned into a ``get_attr`` by the rewrite), or None.
@@ -61,7 +63,7 @@ class NormSite:
     node: fx.Node                  # the node that consumes the conv output
     form: NormForm
     tensors: dict[str, TensorArg]  # by the names of ``form.tensors``
-    training: Any = False          # bool, or a node
+    batch_stats: Any = False       # normalises with batch statistics: bool, or the flag's node
     eps: float = 0.0
     module: nn.Module | None = None
     # The node whose value the block yields, when not ``node`` itself: the getitem(0)
@@ -78,7 +80,7 @@ class Candidate:
     conv_path: str           # module path, "layer1.0.conv1", or the node name
     bn_path: str
     op: str                  # the conv's kind: "conv2d", "conv_transpose2d", "linear", …
-    norm: str                # the normalisation's form: "batch_norm" or "affine"
+    norm: str                # the normalisation's form: "batch_norm", "instance_norm", "affine"
     reject: Reason | None    # why it may not be rewritten, or None
     detail: str              # the sentence for reject, with specifics
     # Both sites are read when the pair could be; a rewrite needs them.
@@ -92,6 +94,17 @@ class Candidate:
     weight_dtype: torch.dtype | None = None  # dtype of the BatchNorm's weight (γ), where it has one
     device: str | None = None  # the conv output's device type ("cpu", "cuda"), where recorded
     follower: tuple[Follow, ...] = ()  # what consumes the block's output (see _follower)
+
+
+class Reject(NamedTuple):
+    """Why a pair may not be rewritten: the reason and its sentence, with specifics."""
+
+    reason: Reason
+    detail: str
+
+
+def _reject(reason: Reason, specifics: str = "") -> Reject:
+    return Reject(reason, f"{reason.sentence} ({specifics})" if specifics else reason.sentence)
 
 
 # ---------------------------------------------------------------------------
@@ -241,32 +254,35 @@ def _tuple_output(node: fx.Node, index: int) -> fx.Node | Reason:
     return wanted[0]
 
 
-def _read_norm(node: fx.Node, gm: torch.nn.Module | None) -> NormSite | Reason | None:
-    """A NormSite, None if ``node`` is not a BatchNorm, or a reject reason."""
+def _read_norm(node: fx.Node, gm: torch.nn.Module | None
+               ) -> tuple[NormForm, NormSite | Reject] | None:
+    """None if ``node`` is no normalisation a row reads, else its row and either a
+    NormSite or why it cannot be read."""
     if node.op == "call_function":
         form = norm_form(node.target)
         if form is None:
             return None
-        a = bind(node.args, node.kwargs, form.params)
+        a = form.bind(node.args, node.kwargs)
         output = None
         if form.output_index is not None:
             found = _tuple_output(node, form.output_index)
             if isinstance(found, Reason):
-                return found
+                return form, _reject(found)
             output = found
-        return NormSite(node, form, {name: a[name] for name in form.tensors},
-                        a["training"] if form.trainable_mode else False, a["eps"],
-                        output=output)
+        return form, NormSite(node, form, {name: a[name] for name in form.tensors},
+                              form.batch_stats(a), a["eps"], output=output)
     module = _module_of(node, gm)
     form = None if module is None else norm_module_form(module)
     if module is None or form is None:
         return None
     if type(module).forward not in form.forwards:
-        return Reason.CUSTOM_FORWARD
+        return form, _reject(Reason.CUSTOM_FORWARD)
     path = str(node.target)
     tensors = {name: f"{path}.{name}" if getattr(module, name, None) is not None else None
                for name in form.tensors}
-    return NormSite(node, form, tensors, module.training, module.eps, module)
+    assert form.module_batch_stats is not None
+    return form, NormSite(node, form, tensors, form.module_batch_stats(module), module.eps,
+                          module)
 
 
 def _is(node: fx.Node, ops: tuple[Any, ...], methods: tuple[str, ...]) -> bool:
@@ -314,30 +330,49 @@ def _read_affine(node: fx.Node, gm: torch.nn.Module | None
     return source, site
 
 
-def _read_conv(node: fx.Node, gm: torch.nn.Module | None) -> ConvSite | Reason | None:
-    """A ConvSite, None if ``node`` is not a conv/linear, or a reject reason."""
+def _read_conv(node: fx.Node, gm: torch.nn.Module | None) -> ConvSite | Reject | None:
+    """A ConvSite, None if ``node`` is not a conv/linear, or why it cannot be read."""
     if node.op == "call_function":
         form = conv_form(node.target)
         if form is None:
             return None
-        a = bind(node.args, node.kwargs, form.params)
+        a = form.bind(node.args, node.kwargs)
         transposed = form.is_transposed(a)
         if isinstance(transposed, fx.Node):
-            return Reason.SHAPE_UNKNOWN
+            # Which axis of the weight holds the output channels is unknown.
+            return _reject(Reason.SHAPE_UNKNOWN, f"{form.name}'s {form.transposed_arg} flag "
+                                                 "is not a constant in the graph")
         return ConvSite(node, form, bool(transposed), a["input"], a["weight"], a["bias"],
                         form.groups(a))
     module = _module_of(node, gm)
     form = None if module is None else conv_module_form(module)
     if module is None or form is None:
         return None
-    if type(module).forward is not form.module.forward:  # type: ignore[union-attr]
-        return Reason.CUSTOM_FORWARD
-    if len(node.args) != 1 or node.kwargs:
-        return Reason.OUTPUT_SIZE  # ConvTranspose's optional output_size argument
+    assert form.module is not None
+    if type(module).forward is not form.module.forward:
+        return _reject(Reason.CUSTOM_FORWARD)
+    call = _module_call(form.module.forward, node)
+    if isinstance(call, Reject):
+        return call
     path = str(node.target)
     bias = f"{path}.bias" if getattr(module, "bias", None) is not None else None
-    return ConvSite(node, form, form.transposed, node.args[0],  # type: ignore[arg-type]
+    return ConvSite(node, form, form.transposed, call,
                     f"{path}.weight", bias, getattr(module, "groups", 1), module)
+
+
+def _module_call(forward: Any, node: fx.Node) -> fx.Node | Reject:
+    """The input of a conv/linear module call, or why the call cannot be rewritten:
+    ConvTranspose's ``output_size`` (the rewrite computes no output size), or
+    arguments the stock forward does not take (eager would raise)."""
+    try:
+        bound = inspect.signature(forward).bind(None, *node.args, **node.kwargs).arguments
+    except TypeError as error:
+        return _reject(Reason.MODULE_CALL_ARGS, str(error))
+    if bound.get("output_size") is not None:
+        return _reject(Reason.OUTPUT_SIZE)
+    if not isinstance(bound["input"], fx.Node):
+        return _reject(Reason.MODULE_CALL_ARGS, "its input is not a tensor of the graph")
+    return bound["input"]
 
 
 # ---------------------------------------------------------------------------
@@ -356,38 +391,34 @@ def _out_channels(conv: ConvSite, gm: torch.nn.Module | None) -> int | None:
 
 
 def _check(conv: ConvSite, bn: NormSite, gm: torch.nn.Module | None,
-           out_shape: tuple[Any, ...] | None) -> tuple[Reason | None, str]:
-    """(None, "") if the pair may be rewritten, else (reason, sentence)."""
+           out_shape: tuple[Any, ...] | None) -> Reject | None:
+    """None if the pair may be rewritten, else why not."""
     form = bn.form
     if any(bn.tensors.get(name) is None for name in form.required):
-        return Reason.NO_RUNNING_STATS, Reason.NO_RUNNING_STATS.sentence
-    if isinstance(bn.training, fx.Node):
-        return Reason.TRAINING_NOT_CONSTANT, Reason.TRAINING_NOT_CONSTANT.sentence
-    if bn.training:
-        return Reason.BN_TRAINING, Reason.BN_TRAINING.sentence
+        return _reject(Reason.NO_RUNNING_STATS)
+    if isinstance(bn.batch_stats, fx.Node):
+        return _reject(Reason.TRAINING_NOT_CONSTANT, f"{form.name}: {form.stats_flag}")
+    if bn.batch_stats:
+        return _reject(form.batch_reason)
     other = [u.name for u in conv.node.users if u is not bn.node]
     if other:
-        return Reason.CONV_MULTI_USER, f"{Reason.CONV_MULTI_USER.sentence} ({', '.join(other)})"
+        return _reject(Reason.CONV_MULTI_USER, ", ".join(other))
     if not isinstance(conv.groups, int):
-        return Reason.SHAPE_UNKNOWN, "the conv's groups is not a constant"
+        return Reject(Reason.SHAPE_UNKNOWN, "the conv's groups is not a constant")
     channels = _numel(_shape(bn.tensors[form.channels], gm))
     out_channels = _out_channels(conv, gm)
     if channels is None or out_channels is None:
-        return Reason.SHAPE_UNKNOWN, (f"{Reason.SHAPE_UNKNOWN.sentence} "
-                                      f"(weight or {form.channels})")
+        return _reject(Reason.SHAPE_UNKNOWN, f"weight or {form.channels}")
     if form.axis is not None and conv.form.channel_axis != form.axis:
         # The normalised axis must be the conv's channel axis: a linear's is the
         # last, so only a 2-D linear output qualifies.
         if out_shape is None:
-            return Reason.SHAPE_UNKNOWN, (f"{Reason.SHAPE_UNKNOWN.sentence} "
-                                          f"({conv.op} output; pass example inputs)")
+            return _reject(Reason.SHAPE_UNKNOWN, f"{conv.op} output; pass example inputs")
         if conv.form.channel_axis % len(out_shape) != form.axis % len(out_shape):
-            return Reason.LINEAR_AXIS, (f"{Reason.LINEAR_AXIS.sentence} "
-                                        f"(output {len(out_shape)}-D)")
+            return _reject(Reason.LINEAR_AXIS, f"output {len(out_shape)}-D")
     if channels != out_channels:
-        return Reason.CHANNEL_MISMATCH, (f"{Reason.CHANNEL_MISMATCH.sentence} "
-                                         f"({out_channels} vs {channels})")
-    return None, ""
+        return _reject(Reason.CHANNEL_MISMATCH, f"{out_channels} vs {channels}")
+    return None
 
 
 def find_candidates(graph: fx.Graph) -> list[Candidate]:
@@ -395,34 +426,37 @@ def find_candidates(graph: fx.Graph) -> list[Candidate]:
     gm = graph.owning_module
     found: list[Candidate] = []
     for node in graph.nodes:
-        bn: NormSite | Reason | None = _read_norm(node, gm)
-        if bn is not None:
+        bn: NormSite | Reject
+        if (read := _read_norm(node, gm)) is not None:
+            form, bn = read
             source = node.args[0] if node.args else node.kwargs.get("input")
         elif (affine := _read_affine(node, gm)) is not None:
-            source, bn = affine
+            (source, bn), form = affine, AFFINE
         else:
             continue
         if not isinstance(source, fx.Node):
             continue
         paths = module_path(source), module_path(node)
-        norm = bn.form.name if isinstance(bn, NormSite) else _BATCH_NORM
+        norm = form.name
         split_op = _split_source_op(source)
-        if split_op is not None and not isinstance(bn, Reason):
+        if split_op is not None and not isinstance(bn, Reject):
             found.append(Candidate(*paths, split_op, norm, Reason.SPLIT_GRAPH,
                                    Reason.SPLIT_GRAPH.sentence))
             continue
         conv = _read_conv(source, gm)
         if conv is None:
             continue
-        if isinstance(bn, Reason) or isinstance(conv, Reason):
-            reason = bn if isinstance(bn, Reason) else conv
+        if isinstance(bn, Reject) or isinstance(conv, Reject):
+            unread = bn if isinstance(bn, Reject) else conv
+            assert isinstance(unread, Reject)
             op = conv.op if isinstance(conv, ConvSite) else _op_name(source, gm)
-            found.append(Candidate(*paths, op, norm, reason, reason.sentence))  # type: ignore[arg-type]
+            found.append(Candidate(*paths, op, norm, unread.reason, unread.detail))
             continue
         out_shape = _shape(source, gm)
-        reject, detail = _check(conv, bn, gm, out_shape)
+        reject = _check(conv, bn, gm, out_shape)
         found.append(Candidate(
-            *paths, conv.op, norm, reject, detail, conv, bn,
+            *paths, conv.op, norm, reject.reason if reject else None,
+            reject.detail if reject else "", conv, bn,
             weight_numel=_numel(_shape(conv.weight, gm)),
             activation_numel=_numel(out_shape),
             out_channels=_out_channels(conv, gm),
@@ -444,10 +478,6 @@ def _split_source_op(node: fx.Node) -> str | None:
     producer = node.meta["source_fn_stack"][-1][1]
     form = conv_module_form(producer) if isinstance(producer, type) else conv_form(producer)
     return form.name if form is not None else None
-
-
-# The form name of a BatchNorm that could not be read (a reject found while reading it).
-_BATCH_NORM = "batch_norm"
 
 
 def _op_name(node: fx.Node, gm: torch.nn.Module | None) -> str:

@@ -19,11 +19,12 @@ import dataclasses
 import enum
 import itertools
 import threading
+from typing import Iterable, Protocol
 
 from torch._dynamo.utils import counters
 
-__all__ = ["Action", "Reason", "REASONS", "Decision", "decisions", "clear_decisions",
-           "COUNTER", "LOG_SIZE"]
+__all__ = ["Action", "Reason", "REASONS", "Decision", "Tally", "tally", "decisions",
+           "clear_decisions", "COUNTER", "LOG_SIZE"]
 
 COUNTER = "convbn_pass"  # torch._dynamo.utils.counters[COUNTER][key]
 LOG_SIZE = 10_000        # decisions kept by decisions(); older ones are dropped
@@ -52,6 +53,7 @@ class Action(_Key):
 class Reason(_Key):
     TUNED = "tuned"
     BN_TRAINING = "bn_training"
+    INPUT_STATS = "input_stats"
     TRAINING_NOT_CONSTANT = "training_not_constant"
     NO_RUNNING_STATS = "no_running_stats"
     CONV_MULTI_USER = "conv_multi_user"
@@ -61,6 +63,7 @@ class Reason(_Key):
     CHANNEL_MISMATCH = "channel_mismatch"
     CUSTOM_FORWARD = "custom_forward"
     OUTPUT_SIZE = "output_size"
+    MODULE_CALL_ARGS = "module_call_args"
     SPLIT_GRAPH = "split_graph"
     POLICY_EVAL = "policy_eval"
 
@@ -72,8 +75,11 @@ class Reason(_Key):
 _SENTENCES: dict[Reason, str] = {
     Reason.TUNED: "rewritten in Tune mode",
     Reason.BN_TRAINING: "BatchNorm runs in training mode (batch statistics)",
-    Reason.TRAINING_NOT_CONSTANT: "BatchNorm's training flag is not a constant in the graph",
-    Reason.NO_RUNNING_STATS: "BatchNorm has no running statistics",
+    Reason.INPUT_STATS: "InstanceNorm normalises each sample by its own statistics "
+    "(use_input_stats: its default, training mode, or track_running_stats=False)",
+    Reason.TRAINING_NOT_CONSTANT: "the norm's statistics flag (BatchNorm's training, "
+    "InstanceNorm's use_input_stats) is not a constant in the graph",
+    Reason.NO_RUNNING_STATS: "the BatchNorm or InstanceNorm has no running statistics",
     Reason.CONV_MULTI_USER: "the conv output has users other than the BatchNorm",
     Reason.BN_EXTRA_OUTPUTS: "the BatchNorm's saved mean/invstd outputs are used",
     Reason.LINEAR_AXIS: "linear acts on the last axis but BatchNorm1d normalises axis 1 "
@@ -82,6 +88,8 @@ _SENTENCES: dict[Reason, str] = {
     Reason.CHANNEL_MISMATCH: "conv output channels differ from BatchNorm's",
     Reason.CUSTOM_FORWARD: "a module subclass overrides forward",
     Reason.OUTPUT_SIZE: "ConvTranspose called with output_size",
+    Reason.MODULE_CALL_ARGS: "the conv/linear module is called with arguments its forward "
+    "does not take",
     Reason.SPLIT_GRAPH: "the conv is in another graph: DDP's bucket split (or a graph break) "
     "separates it from its BatchNorm",
     Reason.POLICY_EVAL: "the policy keeps this block in Eval mode",
@@ -103,7 +111,7 @@ class Decision:
     detail: str                 # one sentence for people
     weight_numel: int | None    # elements of the conv weight
     activation_numel: int | None  # elements of the conv output, for the traced batch
-    norm: str = "batch_norm"    # the normalisation's form: "batch_norm", or "affine" (frozen BN)
+    norm: str = "batch_norm"    # the normalisation's form: "batch_norm", "instance_norm", "affine"
     compile_id: str | None = None  # Dynamo's "frame/compile[_attempt]" ("0/0", "0/0_1"), if any
 
     @property
@@ -113,6 +121,38 @@ class Decision:
     @property
     def counter_key(self) -> str:
         return "tuned" if self.tuned else f"skipped_{self.reason}"
+
+
+class Decided(Protocol):
+    """Anything that records one decision: a :class:`Decision`, or a row made from one."""
+
+    @property
+    def action(self) -> Action: ...
+
+    @property
+    def reason(self) -> Reason: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Tally:
+    """A set of decisions counted: what ``inspect``'s totals, the benchmarks and the
+    zoo tests report, from this one function (:func:`tally`)."""
+
+    candidates: int                   # decisions counted: one per candidate pair
+    tuned: int                        # rewritten, either way
+    tuned_keep_weight: int            # of ``tuned``, those keeping W′ for backward
+    skipped: int                      # left in Eval mode: candidates - tuned
+    skipped_by_reason: dict[str, int]  # the skipped by reason key (``REASONS``), key order
+
+
+def tally(decided: Iterable[Decided]) -> Tally:
+    """Count decisions (:class:`Decision` or any record with ``action`` and
+    ``reason``), e.g. ``tally(d for r in rewrites for d in r.decisions)``."""
+    rows = list(decided)
+    skipped = collections.Counter(str(d.reason) for d in rows if not d.action.tuned)
+    return Tally(len(rows), sum(d.action.tuned for d in rows),
+                 sum(d.action is Action.TUNE_KEEP_WEIGHT for d in rows),
+                 sum(skipped.values()), dict(sorted(skipped.items())))
 
 
 _lock = threading.Lock()

@@ -55,10 +55,11 @@ import torch.nn as nn
 
 from .core import inductor as _inductor
 from .core import policy as _policy
-from .core.match import find_candidates, module_path
+from .core.match import Candidate, find_candidates, module_path
 from .core.records import Reason
 
-__all__ = ["Pair", "SplitPair", "RegionPlan", "find_pairs", "auto_regions", "split_pairs",
+__all__ = ["Pair", "TracedPair", "SplitPair", "RegionPlan", "find_pairs", "trace_pairs",
+           "auto_regions", "split_pairs",
            "plan_regions", "compile_regions", "uncompile_regions", "describe"]
 
 _ATTR = "_convbn_region_compiled"  # the compiled function, in a compiled module's __dict__
@@ -119,6 +120,14 @@ class RegionPlan(NamedTuple):
 # Finding the pairs.
 # ---------------------------------------------------------------------------
 
+class TracedPair(NamedTuple):
+    """A :class:`Pair` with what the pass's matcher read of it."""
+
+    pair: Pair
+    candidate: Candidate  # the matcher's candidate (sizes, dtypes, the ops after it)
+    graph: int            # which graph of the traced forward holds it (1, 2, … past graph breaks)
+
+
 def find_pairs(model: nn.Module, example_inputs: Any) -> tuple[Pair, ...]:
     """Every Conv→BatchNorm pair ``model``'s forward runs on ``example_inputs``.
 
@@ -132,18 +141,23 @@ def find_pairs(model: nn.Module, example_inputs: Any) -> tuple[Pair, ...]:
     >>> [(p.conv, p.bn, p.holder) for p in pairs][:2]
     [('conv1', 'bn1', ''), ('layer1.0.conv1', 'layer1.0.bn1', 'layer1.0')]
     """
+    return tuple(t.pair for t in trace_pairs(model, example_inputs))
+
+
+def trace_pairs(model: nn.Module, example_inputs: Any) -> tuple[TracedPair, ...]:
+    """:func:`find_pairs`, each pair with the matcher's candidate and its graph."""
     _check_not_compiled(model)
     paths = {id(m): path for path, m in model.named_modules(remove_duplicate=False)}
-    pairs: list[Pair] = []
-    for graph in _trace(model, _as_tuple(example_inputs)):
+    pairs: list[TracedPair] = []
+    for index, graph in enumerate(_trace(model, _as_tuple(example_inputs)), 1):
         stacks = _stacks(graph)
         for cand in find_candidates(graph):
             conv_calls = _calls(stacks.get(cand.conv_path), paths)
             bn_calls = _calls(stacks.get(cand.bn_path), paths)
-            pairs.append(Pair(conv_calls[-1] if conv_calls else cand.conv_path,
-                              bn_calls[-1] if bn_calls else cand.bn_path, str(cand.op),
-                              conv_calls, bn_calls,
-                              cand.reject))
+            pair = Pair(conv_calls[-1] if conv_calls else cand.conv_path,
+                        bn_calls[-1] if bn_calls else cand.bn_path, str(cand.op),
+                        conv_calls, bn_calls, cand.reject)
+            pairs.append(TracedPair(pair, cand, index))
     return tuple(pairs)
 
 

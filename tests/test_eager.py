@@ -551,6 +551,20 @@ def test_compile_a_tuned_model(name, policy):
     assert compiled_tuned <= with_pass
 
 
+@pytest.mark.inductor
+@pytest.mark.parametrize("kind", ["conv2d", "conv_transpose2d"])
+def test_inductor_compile_a_tuned_model(kind):
+    """Through Inductor too: Eval's numbers, the bytes of the pass on the untuned block."""
+    model, x = block(kind).double(), sample(kind, dtype=torch.float64)
+    got, _ = tuned(model, x)
+    opts = {"fx_graph_cache": False}
+    assert max(errors(Step(got, x, lambda m: torch.compile(m, options=opts)),
+                      Step(model, x)).values()) <= TOL
+    plain = copy.deepcopy(model)
+    with_pass = kept(plain, x, torch.compile(plain, options=convbn_pass.options("memory", **opts)))
+    assert kept(got, x, torch.compile(got, options=opts)) <= with_pass
+
+
 def _lazy_tune(policy: str) -> Callable[[nn.Module], Callable[..., Any]]:
     """A ``compile_fn`` for test_training_setups' autocast judge: tunes on the first call."""
     def make(model: nn.Module) -> Callable[..., Any]:

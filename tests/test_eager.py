@@ -588,6 +588,24 @@ def test_autocast_error_no_worse_than_without_tune(kind, dtype):
     assert not worse, worse
 
 
+@pytest.mark.parametrize("keep_weight", [False, True], ids=["memory", "keep_weight"])
+@pytest.mark.parametrize("kind", ["conv2d", "conv_transpose2d", "linear"])
+def test_autocast_input_without_grad(kind, keep_weight):
+    """A first layer's input needs no gradient: backward computes dW′ alone, the
+    same as when the input's gradient is wanted too."""
+    model = block(kind)
+    got, _ = tuned(model, sample(kind), "keep_weight" if keep_weight else "memory")
+    grads = []
+    for needs in (False, True):
+        x = sample(kind).requires_grad_(needs)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = got(x)
+        out.float().square().sum().backward()
+        grads.append([p.grad.clone() for p in got.parameters()])
+        got.zero_grad(set_to_none=True)
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
 @pytest.mark.parametrize("kind", ["conv2d", "conv_transpose2d"])
 def test_channels_last(kind):
     model = block(kind).double().to(memory_format=torch.channels_last)

@@ -314,8 +314,9 @@ class _TuneFunction(torch.autograd.Function):
         if wc is None and need_x:
             wc = algebra.scale_weight(weight, c, spec.transposed, spec.groups).to(xc.dtype)
         need_dw2 = need_w or need_g
-        dx, dw2 = _conv_backward(dy.to(xc.dtype), xc, wc if wc is not None else weight,
-                                 spec, need_x, need_dw2)
+        if wc is None:  # only dW′ wanted: the conv backward reads the weight's shape
+            wc = weight.to(xc.dtype)
+        dx, dw2 = _conv_backward(dy.to(xc.dtype), xc, wc, spec, need_x, need_dw2)
         db2 = (_sum_but_channel(dy.to(c.dtype), spec)
                if need_b or need_beta or (need_g and ctx.has_bias_terms) else None)
         grads: list[Tensor | None] = [None] * 10

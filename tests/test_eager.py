@@ -21,9 +21,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import convbn_pass
-from convbn_pass import Action, Reason, backends, deploy, memory, regions, zoo
+from convbn_pass import Action, backends, deploy, memory, regions, zoo
 from convbn_pass.eager import _TuneFunction, _ConvSpec, is_tuned
-from helpers import KINDS, Step, block, dims, errors, sample
+from helpers import KINDS, Step, block, errors, sample
 from test_distributed import _free_port, _full_state
 from test_training_setups import AMP_LIMIT, AMP_SEEDS, BatchNormAct2d, VisionFrozenBN, \
     _ratios_over_seeds

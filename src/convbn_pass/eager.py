@@ -41,12 +41,11 @@ number.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import sys
 from collections import Counter
-from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
 import torch.nn as nn

@@ -433,3 +433,37 @@ def test_pairs_that_ran_outside_every_graph_are_reported() -> None:
     assert all("convbn_pass.tune" in o["hint"] for o in report["outside_graphs"])
     assert report["totals"]["candidates"] == 8
     assert _json(*TINY)["outside_graphs"] == []
+
+
+# ---------------------------------------------------------------------------
+# --eager: the plan of convbn_pass.tune, nothing compiled.
+# ---------------------------------------------------------------------------
+
+def test_eager_shows_the_tune_plan_and_its_bytes() -> None:
+    from convbn_pass import deploy, memory
+
+    report = _json(*TINY, "--eager", "--policy", "memory")
+    assert convbn_pass.decisions() == []  # nothing was compiled with the pass
+    assert report["totals"]["tuned"] == report["totals"]["candidates"] == 12
+    assert [p["reason"] for p in report["pairs"]] == ["tuned"] * 12
+    # The figures are those of the same steps taken here: Eval mode, and Deploy
+    # mode's floor, which Tune mode under 'memory' reaches.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = zoo.build("resnet_tiny")[0].eval()
+        x = torch.randn(4, 3, 32, 32)
+    folded = deploy.fold(model, x)
+    mem = report["memory"]
+    assert mem["without_tune_bytes"] == memory.saved_activation_bytes(model, model, x)
+    assert mem["with_tune_bytes"] == memory.saved_activation_bytes(folded, folded, x)
+    assert mem["saved_bytes"] == mem["without_tune_bytes"] - mem["with_tune_bytes"] > 0
+
+
+def test_eager_text_names_each_decision() -> None:
+    status, out, err = _run(*TINY, "--eager")
+    assert (status, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[1] == "input     [4, 3, 32, 32] float32 on cpu"
+    assert "  1   conv1 → bn1  " in out and "policy_eval" in out  # auto: the stem stays Eval
+    assert lines[-3].startswith("  without tune  159,744 bytes")
+    assert lines[-1].startswith("  saved ")

@@ -8,6 +8,8 @@
     convbn_pass.enable()
     # or by regions (each block compiled on its own, pairs never split), e.g. before FSDP2:
     convbn_pass.compile_regions(model, example_inputs)
+    # or without compiling at all (eager training loops):
+    convbn_pass.tune(model, example_inputs)
 
 BatchNorm layers that run on running statistics (``model.eval()`` BN, the usual
 fine-tuning setup) become one convolution whose weights are rebuilt from the
@@ -29,11 +31,13 @@ from .core.policy import AUTO_RATIO, POLICIES
 from .regions import compile_regions, plan_regions, uncompile_regions
 from .core.records import REASONS, Action, Decision, Reason, clear_decisions, decisions
 from .core.rewrite import run
+from .eager import TunePlan, plan_tune, tune, untune
 
 __all__ = [
     "apply", "enable", "disable", "enabled", "is_enabled", "options", "ConvBNPass",
     "GraphRewrite", "Decision", "Action", "Reason", "decisions", "clear_decisions",
     "POLICIES", "REASONS", "AUTO_RATIO", "compile_regions", "plan_regions", "uncompile_regions",
+    "tune", "untune", "plan_tune", "TunePlan",
 ]
 
 __version__ = "0.1.0"

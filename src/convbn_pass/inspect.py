@@ -40,6 +40,10 @@ traceback), 1 when compiling or measuring fails.
 :func:`convbn_pass.compile_regions` would follow (``auto``, module paths
 separated by commas, or a module class name), and every conv-BN pair that
 those regions would separate.
+
+``--eager`` compiles nothing either: it prints the plan :func:`convbn_pass.tune`
+makes under ``--policy`` (tuning a copy of the model) and the activation bytes of
+one eager forward/backward step without and with it.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import copy
 import dataclasses
 import json
 import os
@@ -132,6 +137,9 @@ def _parser() -> argparse.ArgumentParser:
                    "the pairs they would separate. SPEC: auto (the outermost modules that "
                    "hold whole pairs), module paths separated by commas (layer1,layer2.0), "
                    "or a module class name (Bottleneck)")
+    p.add_argument("--eager", action="store_true",
+                   help="compile nothing; show the plan convbn_pass.tune makes under --policy "
+                   "and the activation bytes of one eager step without and with it")
     p.add_argument("--format", choices=("text", "json"), default="text")
     p.add_argument("--out", type=pathlib.Path, metavar="DIR",
                    help=f"also write {', '.join(_OUT_FILES)} there")
@@ -418,6 +426,56 @@ def _regions(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     return f"{args.model}: {regions.describe(plan)}\n", data
 
 
+def _eager(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """The plan of ``convbn_pass.tune`` and an eager step's bytes, as text and JSON."""
+    model, x = _prepare(args)
+    module = model.module
+    tuned = copy.deepcopy(module)
+    try:
+        plan = convbn_pass.tune(tuned, (x,), policy=args.policy)
+    except (TypeError, ValueError) as exc:
+        raise _UsageError(str(exc)) from None
+    without = memory.saved_activation_bytes(module, module, x)
+    with_tune = memory.saved_activation_bytes(tuned, tuned, x)
+    pairs = [report.Pair(d.graph, d.conv, d.bn, d.op, d.action, d.reason, d.detail,
+                         d.weight_numel, d.activation_numel) for d in plan.decisions]
+    totals = report.Totals.of(pairs)
+    saved = without - with_tune
+    share = f", {100 * saved / without:.1f}%" if without else ""
+    lines = [f"{PROG}: {model.spec}: {model.about}",
+             f"input     {list(x.shape)} {args.dtype} on {x.device}",
+             f"policy    {args.policy}: {convbn_pass.POLICIES[args.policy]}",
+             "eager     convbn_pass.tune: nothing compiled; the pairs read from one Dynamo "
+             "trace", ""]
+    if pairs:
+        several = len({p.graph for p in pairs}) > 1
+        head = ["#", *(["graph"] if several else []), "conv → bn", "op", "decision",
+                "reason", "detail"]
+        rows = [[str(i), *([str(p.graph)] if several else []), f"{p.conv} → {p.bn}", p.op,
+                 str(p.action), str(p.reason), p.detail] for i, p in enumerate(pairs, 1)]
+        lines += [f"Candidate pairs: {len(pairs)}", *report._table([head, *rows])]
+    else:
+        lines.append("No Conv->BatchNorm or Linear->BatchNorm1d pair: nothing to tune.")
+    skipped = ", ".join(f"{k} {v}" for k, v in totals.skipped_by_reason.items())
+    lines += ["", f"totals    {totals.candidates} candidates: {totals.tuned} tuned "
+              f"({totals.tuned - totals.tuned_keep_weight} rebuild W′ in backward, "
+              f"{totals.tuned_keep_weight} keep W′), {totals.skipped} skipped"
+              + (f" ({skipped})" if skipped else ""), "",
+              "Activation memory saved for backward, one eager forward/backward step:",
+              f"  without tune  {without:,} bytes  ({report.size(without)})",
+              f"  with tune     {with_tune:,} bytes  ({report.size(with_tune)})",
+              f"  saved         {saved:,} bytes  ({report.size(saved)}{share})"]
+    data = {"model": model.spec, "input": {"shape": list(x.shape), "dtype": args.dtype,
+                                           "device": str(x.device)},
+            "policy": args.policy,
+            "pairs": [{**dataclasses.asdict(p), "action": str(p.action),
+                       "reason": str(p.reason)} for p in pairs],
+            "totals": dataclasses.asdict(totals),
+            "memory": {"without_tune_bytes": without, "with_tune_bytes": with_tune,
+                       "saved_bytes": saved}}
+    return "\n".join(lines) + "\n", data
+
+
 def _region_spec(module: nn.Module, spec: str) -> regions.Regions:
     if spec == "auto":
         return None
@@ -451,9 +509,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.list:
         _print(models.model_list() + "\n")
         return 0
-    if args.regions is not None:
+    if args.regions is not None or args.eager:
         try:
-            text, data = _regions(args)
+            text, data = _regions(args) if args.regions is not None else _eager(args)
         except _UsageError as exc:
             print(f"{PROG}: error: {exc}", file=sys.stderr)
             return 2

@@ -56,12 +56,12 @@ import torch.nn as nn
 from .core import compat
 from .core import inductor as _inductor
 from .core import policy as _policy
-from .core.match import find_candidates, module_path
+from .core.match import Candidate, find_candidates, module_path
 from .core.records import Reason
 
-__all__ = ["PlacedPair", "Pair", "SplitPair", "RegionPlan", "find_pairs", "tensor_owners",
-           "owner_of", "first_norm_tensor", "auto_regions", "split_pairs", "plan_regions",
-           "compile_regions", "uncompile_regions", "describe"]
+__all__ = ["PlacedPair", "Pair", "TracedPair", "SplitPair", "RegionPlan", "find_pairs",
+           "trace_pairs", "tensor_owners", "owner_of", "first_norm_tensor", "auto_regions",
+           "split_pairs", "plan_regions", "compile_regions", "uncompile_regions", "describe"]
 
 _ATTR = "_convbn_region_compiled"  # the compiled function, in a compiled module's __dict__
 _TRACE_RECOMPILE_LIMIT = 4096  # compiles of one code object that the pair-finding trace may make
@@ -126,6 +126,14 @@ class RegionPlan(NamedTuple):
 # Finding the pairs.
 # ---------------------------------------------------------------------------
 
+class TracedPair(NamedTuple):
+    """A :class:`PlacedPair` with what the pass's matcher read of it."""
+
+    pair: PlacedPair
+    candidate: Candidate  # the matcher's candidate (sizes, dtypes, the ops after it)
+    graph: int            # which graph of the traced forward holds it (1, 2, … past graph breaks)
+
+
 def find_pairs(model: nn.Module, example_inputs: Any) -> tuple[PlacedPair, ...]:
     """Every Conv→BatchNorm pair ``model``'s forward runs on ``example_inputs``, one
     per execution, in the order they ran.
@@ -142,16 +150,21 @@ def find_pairs(model: nn.Module, example_inputs: Any) -> tuple[PlacedPair, ...]:
     >>> [(p.conv, p.bn, p.holder) for p in pairs][:2]
     [('conv1', 'bn1', ''), ('layer1.0.conv1', 'layer1.0.bn1', 'layer1.0')]
     """
+    return tuple(t.pair for t in trace_pairs(model, example_inputs))
+
+
+def trace_pairs(model: nn.Module, example_inputs: Any) -> tuple[TracedPair, ...]:
+    """:func:`find_pairs`, each pair with the matcher's candidate and its graph."""
     _check_not_compiled(model)
     paths = {id(m): path for path, m in model.named_modules(remove_duplicate=False)}
     owners = tensor_owners(model)
-    read: dict[int, tuple[list[Any], dict[str, Any], list[fx.Node]]] = {}
-    pairs: list[PlacedPair] = []
+    read: dict[int, tuple[int, list[Candidate], dict[str, Any], list[fx.Node]]] = {}
+    pairs: list[TracedPair] = []
     for graph, args in _trace(model, _as_tuple(example_inputs)):
         if id(graph) not in read:
-            read[id(graph)] = (find_candidates(graph), _stacks(graph),
+            read[id(graph)] = (len(read) + 1, find_candidates(graph), _stacks(graph),
                                [n for n in graph.nodes if n.op == "placeholder"])
-        candidates, stacks, placeholders = read[id(graph)]
+        index, candidates, stacks, placeholders = read[id(graph)]
         inputs = dict(zip(placeholders, args))
         for cand in candidates:
             conv_calls = _calls(stacks.get(cand.conv_path), paths)
@@ -163,8 +176,9 @@ def find_pairs(model: nn.Module, example_inputs: Any) -> tuple[PlacedPair, ...]:
             bn_now = owner_of(first_norm_tensor(cand), inputs, owners)
             conv_calls = _moved(conv_calls, conv, conv_now)
             bn_calls = _moved(bn_calls, bn, bn_now)
-            pairs.append(PlacedPair(conv_now or conv, bn_now or bn, str(cand.op),
-                              conv_calls, bn_calls, cand.reject))
+            pair = PlacedPair(conv_now or conv, bn_now or bn, str(cand.op),
+                              conv_calls, bn_calls, cand.reject)
+            pairs.append(TracedPair(pair, cand, index))
     return tuple(pairs)
 
 

@@ -66,6 +66,8 @@ class Reason(_Key):
     MODULE_CALL_ARGS = "module_call_args"
     SPLIT_GRAPH = "split_graph"
     POLICY_EVAL = "policy_eval"
+    MODULE_REUSED = "module_reused"
+    NOT_MODULE = "not_module"
 
     @property
     def sentence(self) -> str:
@@ -93,6 +95,12 @@ _SENTENCES: dict[Reason, str] = {
     Reason.SPLIT_GRAPH: "the conv is in another graph: DDP's bucket split (or a graph break) "
     "separates it from its BatchNorm",
     Reason.POLICY_EVAL: "the policy keeps this block in Eval mode",
+    # Reasons of convbn_pass.tune alone, which replaces modules' forwards rather
+    # than rewriting a graph.
+    Reason.MODULE_REUSED: "the conv or its BatchNorm module is called more than once in "
+    "the forward",
+    Reason.NOT_MODULE: "the conv or its BatchNorm is not a module call that tune can "
+    "replace (a functional call, or a normalisation module tune does not know)",
 }
 
 # The reasons a block is left alone, keyed by their stable string (the counters'

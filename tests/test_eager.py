@@ -327,6 +327,25 @@ def test_pairs_after_a_graph_break(shift):
     assert max(errors(Step(got, x2), Step(model, x2)).values()) <= TOL
 
 
+def test_blocks_past_dynamos_recompile_limit():
+    """zoo.RoutedNet: a loop dispatches 12 blocks with a data-dependent choice between
+    them; Dynamo compiles the block forward once per block (each has its own dilation),
+    and past its limit of 8 runs the rest eagerly. The trace has a budget of its own:
+    every block is tuned, exactly. The stem runs in the root frame Dynamo skips: seen
+    running, never traced, so it stays in Eval mode with its reason."""
+    torch.manual_seed(0)
+    model = zoo.randomize_bn(zoo.RoutedNet(depth=12, width=4)).eval().double()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    with torch._dynamo.config.patch(recompile_limit=8):  # Dynamo's default
+        got, plan = tuned(model, x)
+    assert [(d.conv, str(d.reason)) for d in plan.decisions] == [
+        *((f"blocks.{i}.conv", "tuned") for i in range(12)), ("stem.0", "not_traced")]
+    assert max(errors(Step(got, x), Step(model, x)).values()) <= TOL
+    # Deploy folds the same 12 pairs (not the stem): the floor for what is tuned.
+    assert deploy.pairs(model, x) == [(f"blocks.{i}.conv", f"blocks.{i}.bn") for i in range(12)]
+    assert kept(got, x) == kept(deploy.fold(model, x), x) < kept(model, x)
+
+
 def test_data_flow_unlike_the_trace_raises():
     """A forward that sends a tuned conv's output past its BatchNorm raises, rather
     than returning the normalised tensor as if it were the conv's."""

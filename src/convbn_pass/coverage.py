@@ -145,7 +145,8 @@ def _callers(model: nn.Module, path: str) -> list[tuple[str, nn.Module]]:
 def seen_pairs(model: nn.Module, *inputs: Any) -> list[tuple[str, str]]:
     """``(conv, bn)`` module pairs of one eager forward whose BatchNorm, in eval mode
     with running statistics, was called on the very tensor its conv module returned
-    (module hooks; the tensor itself is held, never its id). Buffers are restored."""
+    (module hooks; the tensor itself is held, never its id). Buffers and the CPU
+    RNG state are restored."""
     paths = {id(m): path for path, m in model.named_modules()}
     last: list[tuple[str, torch.Tensor]] = []
     pairs: list[tuple[str, str]] = []
@@ -167,7 +168,8 @@ def seen_pairs(model: nn.Module, *inputs: Any) -> list[tuple[str, str]]:
         elif norm_module_form(module) is not None:
             handles.append(module.register_forward_pre_hook(norm_hook))
     try:
-        model(*inputs)
+        with torch.random.fork_rng(devices=[]):
+            model(*inputs)
     finally:
         for handle in handles:
             handle.remove()

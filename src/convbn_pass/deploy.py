@@ -10,56 +10,28 @@ an alternative.
 from __future__ import annotations
 
 import copy
-from collections import defaultdict
 from typing import Any
 
 import torch
-import torch.fx as fx
 import torch.nn as nn
 
-from .core import algebra
 from torch.overrides import TorchFunctionMode
 
+from .core import algebra
 from .core.forms import conv_module_form, norm_form, norm_module_form
-from .core.match import find_candidates, module_path
 
 __all__ = ["fold", "pairs"]
 
 
 def pairs(model: nn.Module, *example_inputs: Any) -> list[tuple[str, str]]:
-    """``(conv path, bn path)`` of every pair the pass would accept and that can be
-    folded, found in the graph Dynamo captures for ``model(*example_inputs)``: both
-    are modules that a row of ``forms.py`` reads (a frozen BN traced as an affine
-    has no module to fold), each called once."""
-    graphs: list[fx.GraphModule] = []
-
-    def capture(gm: fx.GraphModule, inputs: Any) -> Any:
-        graphs.append(gm)
-        return gm.forward
-
-    with torch.no_grad():
-        torch.compile(model, backend=capture)(*example_inputs)
-    found: list[tuple[str, str]] = []
-    calls: dict[str, set[Any]] = defaultdict(set)
-    for gm in graphs:
-        for node in gm.graph.nodes:
-            if node.op in ("call_function", "call_module"):
-                calls[module_path(node)].add(_call_key(node))
-        found += [(c.conv_path, c.bn_path) for c in find_candidates(gm.graph)
-                  if c.reject is None]
-    # A module called more than once cannot be folded for one call only.
-    return [(conv, bn) for conv, bn in found if len(calls[conv]) == 1
-            and len(calls[bn]) == 1 and _foldable(model, conv, bn)]
-
-
-def _call_key(node: fx.Node) -> Any:
-    """Which module call a node belongs to: Dynamo keys each call of a module apart in
-    ``nn_module_stack`` (``"<id>"``, then ``"<id>@1"``, ...); every node of one call (a
-    BatchNorm's normalisation and what its forward does after it) shares the key."""
-    if node.op == "call_module":
-        return node  # symbolic traces: one node per call
-    stack = node.meta.get("nn_module_stack")
-    return list(stack)[-1] if stack else node
+    """``(conv path, bn path)`` of every pair that can be folded: the pairs
+    :func:`convbn_pass.tune` would tune under ``memory`` (found from the data flow of
+    ``model(*example_inputs)``, each module called once, the conv output read by its
+    BatchNorm alone) whose modules a row of ``forms.py`` reads (a frozen BN has no
+    module row to fold)."""
+    from .eager import plan_tune
+    plan = plan_tune(model, example_inputs, policy="memory")
+    return [(d.conv, d.bn) for d in plan.tuned if _foldable(model, d.conv, d.bn)]
 
 
 def _foldable(model: nn.Module, conv_path: str, bn_path: str) -> bool:

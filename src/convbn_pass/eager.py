@@ -54,9 +54,9 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import checkpoint
 
-from . import regions
+from . import coverage, regions
 from .core import algebra
-from .core.forms import bind, conv_module_form, norm_form, norm_module_form
+from .core.forms import conv_module_form, norm_form, norm_module_form
 from .core.policy import AUTO_RATIO, check_policy, check_ratio, decide
 from .core.records import Action, Decision, Reason
 
@@ -452,11 +452,12 @@ class _AnswerBatchNorm(TorchFunctionMode):
         form = norm_form(func)
         if form is None or self.answered or not args or args[0] is not self.y:
             return func(*args, **kwargs)
-        a = bind(args, kwargs, form.params)
+        a = form.bind(args, kwargs)
         bn = self.bn
-        same = (a["running_mean"] is bn.running_mean and a["running_var"] is bn.running_var
+        same = (form.name == "batch_norm" and a["running_mean"] is bn.running_mean
+                and a["running_var"] is bn.running_var
                 and a["weight"] is bn.weight and a["bias"] is bn.bias
-                and a["training"] is False and float(a["eps"]) == float(bn.eps))
+                and form.batch_stats(a) is False and float(a["eps"]) == float(bn.eps))
         if not same:
             raise RuntimeError(
                 f"convbn_pass.tune: {self.link.bn_path!r} ({type(bn).__name__}) normalised "
@@ -669,6 +670,19 @@ def plan_tune(model: nn.Module, example_inputs: Any, *, policy: str = "auto",
         decisions.append(Decision(t.graph, t.pair.conv, t.pair.bn, str(cand.op), action,
                                   reason, detail, cand.weight_numel, cand.activation_numel,
                                   cand.norm))
+    # Pairs an eager forward runs that no traced graph holds: their data flow is unknown.
+    traced_paths = {(t.pair.conv, t.pair.bn) for t in traced}
+    with _Norms(model):
+        seen = coverage.seen_pairs(model, *args)
+    for conv_path, bn_path in dict.fromkeys(seen):
+        if (conv_path, bn_path) in traced_paths or not (
+                _within(conv_path, scope) and _within(bn_path, scope)):
+            continue
+        conv = model.get_submodule(conv_path)
+        form = conv_module_form(conv)
+        decisions.append(Decision(0, conv_path, bn_path, form.name if form else "conv",
+                                  Action.SKIP, Reason.NOT_TRACED, Reason.NOT_TRACED.sentence,
+                                  conv.weight.numel(), None))
     return TunePlan(tuple(decisions), policy, float(ratio), scope)
 
 

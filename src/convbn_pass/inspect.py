@@ -437,9 +437,9 @@ def _eager(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         raise _UsageError(str(exc)) from None
     without = memory.saved_activation_bytes(module, module, x)
     with_tune = memory.saved_activation_bytes(tuned, tuned, x)
-    pairs = [report.Pair(d.graph, d.conv, d.bn, d.op, d.action, d.reason, d.detail,
-                         d.weight_numel, d.activation_numel) for d in plan.decisions]
-    totals = report.Totals.of(pairs)
+    pairs = [report.ReportRow(d.graph, d.conv, d.bn, d.op, d.action, d.reason, d.detail,
+                              d.weight_numel, d.activation_numel) for d in plan.decisions]
+    totals = tally(pairs)
     saved = without - with_tune
     share = f", {100 * saved / without:.1f}%" if without else ""
     lines = [f"{PROG}: {model.spec}: {model.about}",

@@ -68,6 +68,7 @@ class Reason(_Key):
     POLICY_EVAL = "policy_eval"
     MODULE_REUSED = "module_reused"
     NOT_MODULE = "not_module"
+    NOT_TRACED = "not_traced"
 
     @property
     def sentence(self) -> str:
@@ -101,6 +102,8 @@ _SENTENCES: dict[Reason, str] = {
     "the forward",
     Reason.NOT_MODULE: "the conv or its BatchNorm is not a module call that tune can "
     "replace (a functional call, or a normalisation module tune does not know)",
+    Reason.NOT_TRACED: "the pair runs in code Dynamo never traces (a frame it skips), so "
+    "who else reads the conv output is unknown",
 }
 
 # The reasons a block is left alone, keyed by their stable string (the counters'

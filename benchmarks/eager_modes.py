@@ -10,6 +10,12 @@ as a ratio to eager Eval measured in the same round, with the rounds' spread)::
 
     python -m benchmarks.eager_modes                       # the default models
     python -m benchmarks.eager_modes --models resnet50 unet --rounds 3 --out /tmp/eager
+    python -m benchmarks.eager_modes --models resnet34_layout --batch 2 --px 64 \
+        --dtype float64 --rounds 0                         # bytes only, no timing
+
+Models: those of ``convbn_pass.models.load`` (the zoo's names, ``torchvision:NAME``,
+``timm:NAME``, ``package.module:callable``), ``resnet34_layout`` (the zoo's ResNet with
+ResNet-34's blocks) and the Faster R-CNN backbone below.
 
 Modes: ``eval`` (the model as it is, BatchNorm on running statistics), ``mmengine``
 (``mmengine.model.turn_on_efficient_conv_bn_eval`` on the whole model, where mmengine
@@ -53,6 +59,11 @@ INPUTS: dict[str, tuple[tuple[int, ...], int]] = {
     "benchmarks.eager_modes:fasterrcnn_backbone": ((3, 448, 640), 2),
     "unet": ((3, 128, 128), 8),
 }
+# Models of this benchmark beyond what convbn_pass.models.load knows.
+EXTRA: dict[str, Callable[[], nn.Module]] = {
+    "resnet34_layout": lambda: zoo.ResNet(zoo.BasicBlock, [3, 4, 6, 3]),
+}
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
 MODES: tuple[str, ...] = ("eval", "mmengine", *(f"tune_{p}" for p in convbn_pass.POLICIES),
                           "deploy")
 
@@ -138,9 +149,13 @@ def measure(spec: str, shape: tuple[int, ...] | None, batch: int | None, rounds:
     """Every mode of ``modes`` on one model: bytes, output error, step time. ``shape``
     and ``batch`` default to the model's own (``convbn_pass.models.load``)."""
     torch.manual_seed(0)
-    loaded = models.load(spec)
-    shape, batch = shape or loaded.input_shape, batch or loaded.batch
-    model = zoo.randomize_bn(loaded.module).eval().to(dtype)
+    if spec in EXTRA:
+        module, default = EXTRA[spec](), models.EXTERNAL_INPUT
+    else:
+        loaded = models.load(spec)
+        module, default = loaded.module, (loaded.input_shape, loaded.batch)
+    shape, batch = shape or default[0], batch or default[1]
+    model = zoo.randomize_bn(module).eval().to(dtype)
     x = torch.randn(batch, *shape, dtype=dtype)
     with torch.no_grad():
         reference = _outputs(model(x))
@@ -181,8 +196,9 @@ def _mb(n: int | None) -> str:
 def table(results: Sequence[ModelRun]) -> str:
     """The markdown table: MB kept and step time against eager Eval, per model and mode."""
     modes = [m.mode for m in results[0].modes] if results else []
-    head = ["model, input", "pairs tuned", *(f"{m} MB" for m in modes), "eval s/step",
-            *(f"{m} time" for m in modes[1:])]
+    timed = any(m.round_s for r in results for m in r.modes)
+    head = ["model, input", "pairs tuned", *(f"{m} MB" for m in modes),
+            *(["eval s/step", *(f"{m} time" for m in modes[1:])] if timed else [])]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         by = {m.mode: m for m in r.modes}
@@ -191,6 +207,9 @@ def table(results: Sequence[ModelRun]) -> str:
             else f"{m} {by[m].tuned}" for m in modes
             if by[m].tuned is not None and m != "eval" and not by[m].error)]
         cells += ["fails" if by[m].error else _mb(by[m].saved_bytes) for m in modes]
+        if not timed:
+            lines.append("| " + " | ".join(cells) + " |")
+            continue
         cells.append(f"{statistics.median(by['eval'].round_s):.3f}" if by["eval"].round_s
                      else "—")
         for m in modes[1:]:
@@ -234,7 +253,10 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.eager_modes",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds; 0: bytes only")
+    p.add_argument("--batch", type=int, help="batch size (default: the model's, see INPUTS)")
+    p.add_argument("--px", type=int, help="image side (default: the model's)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--steps", type=int, default=3, help="timed steps per mode and round")
     p.add_argument("--threads", type=int, help="torch.set_num_threads")
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmarks/results/eager"))
@@ -252,9 +274,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = []
     for spec in args.models:
         shape, batch = INPUTS.get(spec, (None, None))
+        if args.px is not None:
+            shape = (3, args.px, args.px)
         try:
-            results.append(measure(spec, shape, batch, args.rounds, args.steps, args.modes,
-                                   say=say))
+            results.append(measure(spec, shape, args.batch or batch, args.rounds, args.steps,
+                                   args.modes, DTYPES[args.dtype], say=say))
         except models.ModelError as exc:
             print(f"eager_modes: error: {exc}", file=sys.stderr)
             return 2

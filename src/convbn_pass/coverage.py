@@ -41,7 +41,7 @@ from .core.forms import conv_module_form, norm_module_form
 from .core.match import find_candidates
 from .regions import PlacedPair, first_norm_tensor, owner_of, tensor_owners
 
-__all__ = ["Outside", "GraphRuns", "outside", "seen_pairs", "HINTS"]
+__all__ = ["Outside", "GraphRuns", "PairHooks", "outside", "seen_pairs", "HINTS"]
 
 # What to do about each reason, for people.
 HINTS: dict[str, str] = {
@@ -141,41 +141,54 @@ def _callers(model: nn.Module, path: str) -> list[tuple[str, nn.Module]]:
     return found
 
 
+class PairHooks:
+    """While inside: the ``(conv, bn)`` module pairs of every eager forward run, whose
+    BatchNorm, in eval mode with running statistics, was called on the very tensor
+    its conv module returned (module hooks; the tensor itself is held, never its id)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.pairs: list[tuple[str, str]] = []
+        self._paths = {id(m): path for path, m in model.named_modules()}
+        self._last: list[tuple[str, torch.Tensor]] = []
+        self._handles: list[Any] = []
+
+    def _conv_hook(self, module: nn.Module, args: Any, out: Any) -> None:
+        if isinstance(out, torch.Tensor):
+            self._last[:] = [(self._paths[id(module)], out)]
+
+    def _norm_hook(self, module: nn.Module, args: Any) -> None:
+        if self._last and args and args[0] is self._last[0][1] and not module.training \
+                and getattr(module, "running_mean", None) is not None:
+            self.pairs.append((self._last[0][0], self._paths[id(module)]))
+
+    def __enter__(self) -> "PairHooks":
+        for module in self.model.modules():
+            if conv_module_form(module) is not None:
+                self._handles.append(module.register_forward_hook(self._conv_hook))
+            elif norm_module_form(module) is not None:
+                self._handles.append(module.register_forward_pre_hook(self._norm_hook))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._last.clear()
+
+
 @torch.no_grad()
 def seen_pairs(model: nn.Module, *inputs: Any) -> list[tuple[str, str]]:
-    """``(conv, bn)`` module pairs of one eager forward whose BatchNorm, in eval mode
-    with running statistics, was called on the very tensor its conv module returned
-    (module hooks; the tensor itself is held, never its id). Buffers and the CPU
-    RNG state are restored."""
-    paths = {id(m): path for path, m in model.named_modules()}
-    last: list[tuple[str, torch.Tensor]] = []
-    pairs: list[tuple[str, str]] = []
-
-    def conv_hook(module: nn.Module, args: Any, out: Any) -> None:
-        if isinstance(out, torch.Tensor):
-            last[:] = [(paths[id(module)], out)]
-
-    def norm_hook(module: nn.Module, args: Any) -> None:
-        if last and args and args[0] is last[0][1] and not module.training \
-                and getattr(module, "running_mean", None) is not None:
-            pairs.append((last[0][0], paths[id(module)]))
-
+    """The :class:`PairHooks` pairs of one eager forward; buffers and the CPU RNG
+    state are restored."""
     saved = {name: b.detach().clone() for name, b in model.named_buffers()}
-    handles = []
-    for module in model.modules():
-        if conv_module_form(module) is not None:
-            handles.append(module.register_forward_hook(conv_hook))
-        elif norm_module_form(module) is not None:
-            handles.append(module.register_forward_pre_hook(norm_hook))
     try:
-        with torch.random.fork_rng(devices=[]):
+        with PairHooks(model) as hooks, torch.random.fork_rng(devices=[]):
             model(*inputs)
     finally:
-        for handle in handles:
-            handle.remove()
         for name, b in model.named_buffers():
             b.copy_(saved[name])
-    return pairs
+    return hooks.pairs
 
 
 def outside(pairs: tuple[Sequence[PlacedPair], Sequence[tuple[str, str]]],

@@ -583,10 +583,12 @@ class _Norms:
 
 
 @torch.no_grad()
-def _call_counts(model: nn.Module, args: tuple[Any, ...]) -> Counter[int]:
+def _call_counts(model: nn.Module, args: tuple[Any, ...]
+                 ) -> tuple[Counter[int], list[tuple[str, str]]]:
     """How often each module's forward runs in one eager forward (by ``id``): a
-    module called twice cannot be tuned for one of its calls. Buffers and the RNG
-    state are restored."""
+    module called twice cannot be tuned for one of its calls; and the conv-BN module
+    pairs that forward runs (:class:`coverage.PairHooks`). Buffers and the RNG state
+    are restored."""
     calls: Counter[int] = Counter()
 
     def count(module: nn.Module, inputs: Any) -> None:
@@ -595,13 +597,14 @@ def _call_counts(model: nn.Module, args: tuple[Any, ...]) -> Counter[int]:
     saved = {name: b.detach().clone() for name, b in model.named_buffers()}
     handle = nn.modules.module.register_module_forward_pre_hook(count)
     try:
-        with torch.random.fork_rng(devices=regions._cuda_devices(model)):
+        with torch.random.fork_rng(devices=regions._cuda_devices(model)), \
+                coverage.PairHooks(model) as hooks:
             model(*args)
     finally:
         handle.remove()
         for name, b in model.named_buffers():
             b.copy_(saved[name])
-    return calls
+    return calls, hooks.pairs
 
 
 def _first_line(exc: BaseException) -> str:
@@ -656,7 +659,7 @@ def plan_tune(model: nn.Module, example_inputs: Any, *, policy: str = "auto",
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     with _Norms(model):
         try:
-            calls = _call_counts(model, args)
+            calls, seen = _call_counts(model, args)
         except Exception as exc:
             raise ValueError(f"tune(): {type(model).__name__} rejects the example inputs "
                              f"({_first_line(exc)})") from exc
@@ -672,8 +675,6 @@ def plan_tune(model: nn.Module, example_inputs: Any, *, policy: str = "auto",
                                   cand.norm))
     # Pairs an eager forward runs that no traced graph holds: their data flow is unknown.
     traced_paths = {(t.pair.conv, t.pair.bn) for t in traced}
-    with _Norms(model):
-        seen = coverage.seen_pairs(model, *args)
     for conv_path, bn_path in dict.fromkeys(seen):
         if (conv_path, bn_path) in traced_paths or not (
                 _within(conv_path, scope) and _within(bn_path, scope)):

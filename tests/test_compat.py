@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch._dynamo.callback import callback_handler
 
 import convbn_pass
 from convbn_pass.core import compat
 from helpers import block, counts, sample
+
+pytestmark = pytest.mark.version  # in the version suite (pytest -m version)
 
 
 class _Pass:
@@ -59,3 +62,30 @@ def test_torch_version_is_the_installed_one():
     major, minor = compat.TORCH_VERSION
     assert torch.__version__.startswith(f"{major}.{minor}")
     assert (major, minor) >= compat.OLDEST_VERIFIED
+
+
+def test_asks_pass_key_every_compile_matches_what_inductor_does():
+    """Where it says so, one forward compile with every cache off asks the pass's
+    uuid(); where it does not, no compile asks."""
+    asked: list[int] = []
+
+    class Keyed(convbn_pass.ConvBNPass):
+        def uuid(self):
+            asked.append(1)
+            return super().uuid()
+
+    model = block("conv2d").eval()
+    options = {"pre_grad_custom_pass": Keyed("memory"), "fx_graph_cache": False}
+    with torch._functorch.config.patch(enable_autograd_cache=False), torch.no_grad():
+        torch.compile(model, options=options)(sample("conv2d"))
+    assert counts() == {"tuned": 1}
+    assert bool(asked) == compat.asks_pass_key_every_compile()
+
+
+@pytest.mark.parametrize("per_code, accumulated", [(8, None), (64, 4096)])
+def test_recompile_limits_name_settings_dynamo_has(per_code, accumulated):
+    settings = compat.recompile_limits(per_code, accumulated)
+    assert list(settings.values()) == [v for v in (per_code, accumulated) if v is not None]
+    with torch._dynamo.config.patch(**settings):
+        for name, value in settings.items():
+            assert getattr(torch._dynamo.config, name) == value

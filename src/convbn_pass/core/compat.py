@@ -11,8 +11,8 @@ from typing import Any, Callable
 import torch
 from torch._inductor import custom_graph_pass
 
-__all__ = ["custom_graph_passes", "inductor_backend", "on_compile", "TORCH_VERSION",
-           "OLDEST_VERIFIED"]
+__all__ = ["custom_graph_passes", "inductor_backend", "on_compile", "asks_pass_key_every_compile",
+           "recompile_limits", "TORCH_VERSION", "OLDEST_VERIFIED"]
 
 TORCH_VERSION: tuple[int, int] = tuple(  # type: ignore[assignment]
     int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
@@ -38,9 +38,9 @@ def inductor_backend(options: dict[str, Any], dynamic: bool | None) -> Callable[
     return torch._TorchCompileInductorWrapper(None, options, dynamic)
 
 
-def on_compile(start: Callable[[], None], end: Callable[[], None]) -> bool:
-    """Call ``start`` and ``end`` around every Dynamo compile of the process
-    (``torch._dynamo.callback.callback_handler``), unless they are registered
+def on_compile(start: Callable[..., None], end: Callable[..., None] | None = None) -> bool:
+    """Call ``start`` and ``end`` (if given) around every Dynamo compile of the
+    process (``torch._dynamo.callback.callback_handler``), unless they are registered
     already (``torch._dynamo.reset()`` forgets them); False where torch has no such
     hook."""
     try:
@@ -49,6 +49,37 @@ def on_compile(start: Callable[[], None], end: Callable[[], None]) -> bool:
         return False
     if start not in callback_handler.start_callbacks:
         callback_handler.register_start_callback(start)
-    if end not in callback_handler.end_callbacks:
+    if end is not None and end not in callback_handler.end_callbacks:
         callback_handler.register_end_callback(end)
     return True
+
+
+def asks_pass_key_every_compile() -> bool:
+    """Whether Inductor asks a ``pre_grad_custom_pass`` for its ``uuid()`` in every
+    compile, under that compile's options (``pre_grad_pass_timing``, whose resolution
+    reads it: torch 2.12 on), rather than only when a cache may serve the compile."""
+    from torch._inductor import codecache
+    return hasattr(codecache, "resolve_pre_grad_pass_timing")
+
+
+_RECOMPILE_LIMIT_NAMES = (("recompile_limit", "cache_size_limit"),
+                          ("accumulated_recompile_limit", "accumulated_cache_size_limit"))
+
+
+def recompile_limits(per_code: int, accumulated: int | None = None) -> dict[str, int]:
+    """Dynamo config settings for ``torch._dynamo.config.patch(**...)`` that set how
+    many times one code object (and, if given, all code objects together) may
+    recompile: ``recompile_limit`` / ``accumulated_recompile_limit``, or the older
+    names ``cache_size_limit`` / ``accumulated_cache_size_limit`` where only those
+    exist."""
+    from torch._dynamo import config as dynamo_config
+    settings: dict[str, int] = {}
+    for names, value in zip(_RECOMPILE_LIMIT_NAMES, (per_code, accumulated)):
+        if value is None:
+            continue
+        name = next((n for n in names if hasattr(dynamo_config, n)), None)
+        if name is None:
+            raise RuntimeError(
+                f"torch {torch.__version__}: no Dynamo setting named {' or '.join(names)}")
+        settings[name] = value
+    return settings

@@ -89,3 +89,18 @@ def test_recompile_limits_name_settings_dynamo_has(per_code, accumulated):
     with torch._dynamo.config.patch(**settings):
         for name, value in settings.items():
             assert getattr(torch._dynamo.config, name) == value
+
+
+@pytest.mark.parametrize("config, on", [
+    ({}, True), ({"use_pre_grad_passes": True}, True), ({"use_pre_grad_passes": False}, False),
+    (object(), True),  # a torch without the setting runs them
+])
+def test_pre_grad_passes_on_reads_options_and_config(config, on):
+    assert compat.pre_grad_passes_on(config) is on
+
+
+def test_pre_grad_passes_on_follows_inductor_config():
+    from torch._inductor import config as inductor_config
+    assert compat.pre_grad_passes_on(inductor_config)
+    with inductor_config.patch(use_pre_grad_passes=False):
+        assert not compat.pre_grad_passes_on(inductor_config)

@@ -12,6 +12,7 @@ import torch
 from torch._inductor import custom_graph_pass
 
 __all__ = ["custom_graph_passes", "inductor_backend", "on_compile", "asks_pass_key_every_compile",
+           "pre_grad_passes_on",
            "recompile_limits", "TORCH_VERSION", "OLDEST_VERIFIED"]
 
 TORCH_VERSION: tuple[int, int] = tuple(  # type: ignore[assignment]
@@ -83,3 +84,11 @@ def recompile_limits(per_code: int, accumulated: int | None = None) -> dict[str,
                 f"torch {torch.__version__}: no Dynamo setting named {' or '.join(names)}")
         settings[name] = value
     return settings
+
+
+def pre_grad_passes_on(config: Any) -> bool:
+    """Whether Inductor's ``config`` (the module, or the options of one compile) runs
+    pre-grad passes: its ``use_pre_grad_passes``, True where torch has no such setting."""
+    if isinstance(config, dict):
+        return bool(config.get("use_pre_grad_passes", True))
+    return bool(getattr(config, "use_pre_grad_passes", True))

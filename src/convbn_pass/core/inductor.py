@@ -179,8 +179,8 @@ def pre_grad_passes_off(extra: Mapping[str, Any] | None = None) -> str | None:
     about to be given to ``torch.compile``; otherwise the config in force is read
     (inside a compile: with that compile's options and mode applied)."""
     if extra is not None and "use_pre_grad_passes" in extra:
-        return None if extra["use_pre_grad_passes"] else "use_pre_grad_passes=False in the options"
-    if inductor_config.use_pre_grad_passes:
+        return None if compat.pre_grad_passes_on(extra) else "use_pre_grad_passes=False in the options"
+    if compat.pre_grad_passes_on(inductor_config):
         return None
     if os.environ.get("TORCHINDUCTOR_LITE_MODE") == "1":
         return ("TORCHINDUCTOR_LITE_MODE=1 (which makes "

@@ -40,10 +40,10 @@ export HF_HUB_OFFLINE=1                                          # timm: never r
 if [ "$DRY" = 1 ]; then
     DEVICE=cpu
     export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-    GRID=(--models resnet_tiny mlp_bn --batches 2 --px 32 --device cpu --rounds 1 --steps 1
+    GRID=(--models mlp_bn --batches 2 --px 32 --device cpu --rounds 1 --steps 1
           --time-per-cell 5 --budget 150)
     TESTS=(-k "light_float64 and conv2d-bias-affine-groups1")
-    GRAPHS=(--model resnet_tiny --batch 2 --px 32 --steps 2)
+    GRAPHS=(--model mlp_bn --batch 4 --px 32 --steps 2)
     LIMITS=(240 120 120 120)
 else
     DEVICE=cuda

@@ -1,5 +1,5 @@
 """The version-dependent pieces in convbn_pass.core.compat, on the torch this suite runs on
-(CI runs it on 2.13 and 2.14.1)."""
+(CI: 2.13 and 2.14.1 in full, the oldest supported, 2.11 and 2.15.0 in the version suite)."""
 
 from __future__ import annotations
 
@@ -104,3 +104,12 @@ def test_pre_grad_passes_on_follows_inductor_config():
     assert compat.pre_grad_passes_on(inductor_config)
     with inductor_config.patch(use_pre_grad_passes=False):
         assert not compat.pre_grad_passes_on(inductor_config)
+
+
+def test_pyproject_floor_is_the_oldest_verified():
+    import pathlib
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11 on
+    pyproject = pathlib.Path(__file__).resolve().parent.parent / "pyproject.toml"
+    deps = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+    major, minor = compat.OLDEST_VERIFIED
+    assert f"torch>={major}.{minor}" in deps

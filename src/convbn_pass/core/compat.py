@@ -1,7 +1,8 @@
 """What differs between the torch versions the package runs on, in one place.
 
-Verified on torch 2.13 (CPU build) and 2.14.1; each function says which API it
-stands in for. Everything else the package uses is the same on both.
+Verified on torch 2.10 to 2.15 (docs/versions.md); each function says which API it
+stands in for and where it differs. Everything else the package uses is the same on
+all of them.
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ __all__ = ["custom_graph_passes", "inductor_backend", "on_compile", "asks_pass_k
 TORCH_VERSION: tuple[int, int] = tuple(  # type: ignore[assignment]
     int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
 # The oldest torch the test suite has passed on (pyproject.toml requires it).
-OLDEST_VERIFIED = (2, 13)
+OLDEST_VERIFIED = (2, 10)
 
 
 def custom_graph_passes(value: Any) -> list[Any]:
     """The passes in an Inductor ``*_custom_pass`` setting, as a list: None, one
     pass or a list of them. ``torch._inductor.custom_graph_pass.get_custom_graph_passes``
-    where torch has it."""
+    where torch has it (2.13 and 2.15 do; 2.10 and 2.11 take one pass)."""
     getter = getattr(custom_graph_pass, "get_custom_graph_passes", None)
     if getter is not None:
         return list(getter(value))
@@ -58,7 +59,9 @@ def on_compile(start: Callable[..., None], end: Callable[..., None] | None = Non
 def asks_pass_key_every_compile() -> bool:
     """Whether Inductor asks a ``pre_grad_custom_pass`` for its ``uuid()`` in every
     compile, under that compile's options (``pre_grad_pass_timing``, whose resolution
-    reads it: torch 2.12 on), rather than only when a cache may serve the compile."""
+    reads it: 2.12 has the setting, 2.13 and 2.15 ask), rather than only when a cache
+    may serve the compile (2.10 and 2.11 never ask: they run the pass before looking the
+    cache up, so its key is not needed)."""
     from torch._inductor import codecache
     return hasattr(codecache, "resolve_pre_grad_pass_timing")
 
@@ -88,7 +91,8 @@ def recompile_limits(per_code: int, accumulated: int | None = None) -> dict[str,
 
 def pre_grad_passes_on(config: Any) -> bool:
     """Whether Inductor's ``config`` (the module, or the options of one compile) runs
-    pre-grad passes: its ``use_pre_grad_passes``, True where torch has no such setting."""
+    pre-grad passes: its ``use_pre_grad_passes`` (2.10 on), True where torch has no such
+    setting (2.9)."""
     if isinstance(config, dict):
         return bool(config.get("use_pre_grad_passes", True))
     return bool(getattr(config, "use_pre_grad_passes", True))

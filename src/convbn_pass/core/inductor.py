@@ -111,8 +111,8 @@ class ConvBNPass(CustomGraphPass):
         return hash(self._key())
 
     def uuid(self) -> Any:
-        # Inductor asks for the key only where a cache may serve the compile, and (from
-        # torch 2.12, pre_grad_pass_timing) once per compile to time its pre-grad passes,
+        # Inductor asks for the key only where a cache may serve the compile, and (torch
+        # 2.12 on: pre_grad_pass_timing) once per compile to time its pre-grad passes,
         # under that compile's options: where those switch pre-grad passes off, the pass
         # will not run, and that is said as such rather than as a cache hit.
         if _off_watch.check():
@@ -196,9 +196,9 @@ class _OffWatch:
     compile that finds them off) and warned about once, naming the setting.
 
     Checked where the pass is set up (``enable()``, ``options()``) and inside each
-    compile that asks the pass for its ``uuid()``; torch 2.11 never asks, so there a
-    setting switched off only for one compile (``mode="lite"`` with ``enable()``)
-    is not seen."""
+    compile that asks the pass for its ``uuid()`` (``compat.asks_pass_key_every_compile``);
+    torch 2.10 and 2.11 never ask, so there a setting switched off only for one compile
+    (``mode="lite"`` with ``enable()``) is not seen."""
 
     def __init__(self) -> None:
         self.warned = False

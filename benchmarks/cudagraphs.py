@@ -5,7 +5,7 @@ comes in through ``convbn_pass.enable()``, after ``torch._dynamo.reset()`` so th
 no graph compiled without it is reused. Each mode is measured on its own copy of
 one model (same weights and statistics) against eager float64::
 
-    python -m benchmarks.cudagraphs --model torchvision:resnet50 --batch 32 --px 224 --out DIR
+    python -m benchmarks.cudagraphs --model torchvision:resnet18 --batch 32 --px 224 --out DIR
 
 Writes ``DIR/cudagraphs.json``: per mode the saved activation bytes, the pass's
 tuned pairs, the median step time, and the float32 gradients' relative error to
@@ -61,7 +61,7 @@ def _grads(fn: Any, model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor
 def _worst_error(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> float:
     if set(got) != set(ref):
         raise RuntimeError(f"gradients for {sorted(set(ref) ^ set(got))} missing")
-    return max(((got[n].cpu() - r.cpu()).norm() / max(r.norm().item(), 1e-30)).item()
+    return max(((got[n] - r).norm() / max(r.norm().item(), 1e-30)).item()
                for n, r in ref.items())
 
 
@@ -79,8 +79,8 @@ def _median_step(fn: Any, model: nn.Module, x: torch.Tensor, steps: int) -> floa
 
 def measure(base: nn.Module, x: torch.Tensor, steps: int) -> list[ModeFigures]:
     """Both modes on copies of ``base`` (eval BN), each compiled afresh."""
-    ref_model = copy.deepcopy(base).double().cpu()
-    reference = _grads(ref_model, ref_model, x.double().cpu())
+    ref_model = copy.deepcopy(base).double().to(x.device)
+    reference = _grads(ref_model, ref_model, x.double())
     figures = []
     for name, with_pass in (("reduce-overhead", False), ("reduce-overhead + pass", True)):
         torch._dynamo.reset()
@@ -109,8 +109,8 @@ def measure(base: nn.Module, x: torch.Tensor, steps: int) -> list[ModeFigures]:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.cudagraphs",
                                 description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="torchvision:resnet50",
-                   help="zoo name, torchvision:NAME or timm:NAME (default torchvision:resnet50)")
+    p.add_argument("--model", default="torchvision:resnet18",
+                   help="zoo name, torchvision:NAME or timm:NAME (default torchvision:resnet18)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--px", type=int, default=224)
     p.add_argument("--steps", type=int, default=20, help="timed steps per mode")

@@ -51,8 +51,8 @@ else
     DEVICE=cuda
     GRID=(--preset gpu)
     TESTS=()
-    GRAPHS=(--model torchvision:resnet50 --batch 32 --px 224 --steps 20)
-    LIMITS=(260 90 60 40)      # seconds per step: 450 in all, under the 8 minutes
+    GRAPHS=(--model torchvision:resnet18 --batch 32 --px 224 --steps 20)
+    LIMITS=(230 100 90 45)     # seconds per step: 465 in all, under the 8 minutes
     if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
         echo "gpu.sh: CUDA is not available here (GPU_DRY_RUN=1 runs the CPU dry run)" >&2
         exit 2

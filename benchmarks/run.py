@@ -32,6 +32,7 @@ from typing import Any, Sequence
 import torch
 
 from convbn_pass import models, zoo
+from convbn_pass.core import compat
 
 from . import harness, report
 from .records import CellResult, ModeResult, RssResult, RunResult, to_json
@@ -370,15 +371,9 @@ def _run_blocks(preset: Preset, results: RunResult, out: pathlib.Path,
 
 def _raise_recompile_limits() -> None:
     """Every mode of a cell is a distinct backend for the same code objects, and
-    each is a Dynamo cache entry: raise the limits (older torch names them
-    cache_size_limit / accumulated_cache_size_limit)."""
-    config = torch._dynamo.config
-    for names, value in ((("recompile_limit", "cache_size_limit"), 64),
-                         (("accumulated_recompile_limit", "accumulated_cache_size_limit"), 4096)):
-        for name in names:
-            if hasattr(config, name):
-                setattr(config, name, value)
-                break
+    each is a Dynamo cache entry: raise the limits (named per torch by compat)."""
+    for name, value in compat.recompile_limits(64, 4096).items():
+        setattr(torch._dynamo.config, name, value)
 
 
 def _same_cell(a: CellResult, b: CellResult) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch._dynamo.callback import callback_handler
+from torch._inductor import custom_graph_pass
 
 import convbn_pass
 from convbn_pass.core import compat
@@ -113,3 +114,15 @@ def test_pyproject_floor_is_the_oldest_verified():
     deps = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
     major, minor = compat.OLDEST_VERIFIED
     assert f"torch>={major}.{minor}" in deps
+
+
+def test_custom_pass_setting_is_what_this_torch_runs():
+    one, two = _Pass(), _Pass()
+    assert compat.custom_pass_setting([]) is None
+    assert compat.custom_pass_setting([one]) is one
+    if hasattr(custom_graph_pass, "get_custom_graph_passes"):
+        assert compat.custom_pass_setting((one, two)) == [one, two]
+        assert compat.custom_graph_passes(compat.custom_pass_setting((one, two))) == [one, two]
+    else:  # 2.10, 2.11: the setting is called, so a list could not run
+        with pytest.raises(TypeError, match="runs one pre-grad custom pass, not a list of 2"):
+            compat.custom_pass_setting((one, two))

@@ -7,12 +7,12 @@ all of them.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch._inductor import custom_graph_pass
 
-__all__ = ["custom_graph_passes", "inductor_backend", "on_compile", "asks_pass_key_every_compile",
+__all__ = ["custom_graph_passes", "custom_pass_setting", "inductor_backend", "on_compile", "asks_pass_key_every_compile",
            "pre_grad_passes_on",
            "recompile_limits", "TORCH_VERSION", "OLDEST_VERIFIED"]
 
@@ -32,6 +32,21 @@ def custom_graph_passes(value: Any) -> list[Any]:
     if value is None:
         return []
     return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def custom_pass_setting(passes: Sequence[Any]) -> Any:
+    """The value of an Inductor ``*_custom_pass`` setting that runs ``passes`` in
+    order: None for none, the pass itself for one, a list for more, which only a torch
+    with ``get_custom_graph_passes`` accepts (2.10 and 2.11 call the setting: there a
+    list raises TypeError, so more than one is refused here, naming them)."""
+    if not passes:
+        return None
+    if len(passes) == 1:
+        return passes[0]
+    if getattr(custom_graph_pass, "get_custom_graph_passes", None) is None:
+        raise TypeError(f"torch {torch.__version__} runs one pre-grad custom pass, not a list "
+                        f"of {len(passes)}: {list(passes)!r}")
+    return list(passes)
 
 
 def inductor_backend(options: dict[str, Any], dynamic: bool | None) -> Callable[..., Any]:

@@ -293,9 +293,7 @@ def disable() -> None:
     """Stop running the pass; restore the user's own pre-grad pass, if any."""
     global _graphs_when_off
     if _ours_installed():
-        before = user_passes()
-        inductor_config.pre_grad_custom_pass = (
-            None if not before else before[0] if len(before) == 1 else list(before))
+        inductor_config.pre_grad_custom_pass = compat.custom_pass_setting(user_passes())
     _graphs_when_off = _graphs_compiled()
 
 

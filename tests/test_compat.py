@@ -126,3 +126,13 @@ def test_custom_pass_setting_is_what_this_torch_runs():
     else:  # 2.10, 2.11: the setting is called, so a list could not run
         with pytest.raises(TypeError, match="runs one pre-grad custom pass, not a list of 2"):
             compat.custom_pass_setting((one, two))
+
+
+def test_ci_tests_the_floor():
+    """.ci/versions runs the version suite on the floor release."""
+    import pathlib
+    import re
+    script = (pathlib.Path(__file__).resolve().parent.parent / ".ci" / "versions").read_text()
+    floor = re.search(r"^FLOOR=(\d+)\.(\d+)\.\d+", script, re.M)
+    assert floor is not None, "no FLOOR=X.Y.Z line in .ci/versions"
+    assert (int(floor[1]), int(floor[2])) == compat.OLDEST_VERIFIED

@@ -22,7 +22,9 @@
 #                   CUDA); skipped, saying so, where convbn_pass.tune is not callable
 #
 # Each step's output goes to OUT_DIR/NAME.log; OUT_DIR also gets nvidia-smi.txt,
-# environment.txt and steps.txt (each step's seconds and exit status). Exit status: 0 when every step passed or was skipped.
+# environment.txt and steps.txt (each step's seconds and exit status). Exit status: 0
+# when every step passed or was skipped for want of convbn_pass.tune, 2 where the run
+# cannot start (no CUDA, the package does not import), 1 otherwise.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD

@@ -119,13 +119,9 @@ def test_pyproject_floor_is_the_oldest_verified():
 def test_custom_pass_setting_is_what_this_torch_runs():
     one, two = _Pass(), _Pass()
     assert compat.custom_pass_setting([]) is None
-    assert compat.custom_pass_setting([one]) is one
-    if hasattr(custom_graph_pass, "get_custom_graph_passes"):
-        assert compat.custom_pass_setting((one, two)) == [one, two]
-        assert compat.custom_graph_passes(compat.custom_pass_setting((one, two))) == [one, two]
-    else:  # 2.10, 2.11: the setting is called, so a list could not run
-        with pytest.raises(TypeError, match="runs one pre-grad custom pass, not a list of 2"):
-            compat.custom_pass_setting((one, two))
+    assert compat.custom_pass_setting([one]) is one  # callable: runs on 2.10 and 2.11 too
+    assert compat.custom_pass_setting((one, two)) == [one, two]
+    assert compat.custom_graph_passes(compat.custom_pass_setting((one, two))) == [one, two]
 
 
 def test_ci_tests_the_floor():

@@ -36,17 +36,13 @@ def custom_graph_passes(value: Any) -> list[Any]:
 
 def custom_pass_setting(passes: Sequence[Any]) -> Any:
     """The value of an Inductor ``*_custom_pass`` setting that runs ``passes`` in
-    order: None for none, the pass itself for one, a list for more, which only a torch
-    with ``get_custom_graph_passes`` accepts (2.10 and 2.11 call the setting: there a
-    list raises TypeError, so more than one is refused here, naming them)."""
+    order: None for none, the pass itself for one, a list for more. Torch 2.10 and 2.11
+    call the setting (no ``get_custom_graph_passes``), so there a one-element list
+    raises TypeError where the pass itself runs; a list of several is what a user of
+    those versions could not have run either, and is given back as it was."""
     if not passes:
         return None
-    if len(passes) == 1:
-        return passes[0]
-    if getattr(custom_graph_pass, "get_custom_graph_passes", None) is None:
-        raise TypeError(f"torch {torch.__version__} runs one pre-grad custom pass, not a list "
-                        f"of {len(passes)}: {list(passes)!r}")
-    return list(passes)
+    return passes[0] if len(passes) == 1 else list(passes)
 
 
 def inductor_backend(options: dict[str, Any], dynamic: bool | None) -> Callable[..., Any]:

@@ -1,35 +1,117 @@
 #!/usr/bin/env bash
-# The GPU grid, unattended, on one GPU, in under 8 minutes:
+# The GPU run, unattended, on one GPU, in under 8 minutes, from a plain checkout:
 #
-#     bash benchmarks/gpu.sh [OUT_DIR]        # default OUT_DIR: benchmarks/results/gpu
+#     bash benchmarks/gpu.sh [OUT_DIR]               # default OUT_DIR: benchmarks/results/gpu
+#     GPU_DRY_RUN=1 bash benchmarks/gpu.sh [OUT_DIR]  # the same steps on CPU, tiny sizes
+#                                                     # (default OUT_DIR: a new temporary folder)
 #
-# Needs torch with CUDA (Triton included); uses torchvision and timm models where
-# they import (random weights: weights=None / pretrained=False, nothing is
-# downloaded) and the project's own models otherwise. Everything lands in
-# OUT_DIR: results.json/.csv/.md, PNGs, command.txt, log.txt, nvidia-smi.txt.
+# Needs torch (2.11 or newer) with CUDA (Triton included) and pytest (the test steps
+# say so and fail where it is missing; the benchmarks still run); uses
+# torchvision and timm models where they import (random weights: nothing is downloaded)
+# and the project's own models otherwise. The package is not installed: src/ and the
+# checkout root go on PYTHONPATH. Steps, each under its own time limit, each timed:
 #
-# Time: the harness's own budget (390 s, preset "gpu") skips cells and modes
-# that would not fit and still writes results; `timeout` below is the hard stop
-# behind it, after which the tables are rebuilt from what results.json holds.
+#   1. grid         activation memory and step time against compile, the built-in pass
+#                   and Deploy (python -m benchmarks.run --preset gpu; ResNet-50 at
+#                   batch 64 included), OUT_DIR/grid/
+#   2. tests        the float64/float32 numerics tests on CUDA (pytest --device cuda
+#                   tests/test_numerics.py)
+#   3. cudagraphs   mode="reduce-overhead" with eval BN, with and without the pass
+#                   (python -m benchmarks.cudagraphs), OUT_DIR/cudagraphs/
+#   4. eager        the eager entry point convbn_pass.tune (tests/test_eager.py on
+#                   CUDA); skipped, saying so, where convbn_pass.tune is not callable
+#
+# Each step's output goes to OUT_DIR/NAME.log; OUT_DIR also gets nvidia-smi.txt,
+# environment.txt and steps.txt (each step's seconds and exit status). Exit status: 0
+# when every step passed or was skipped for want of convbn_pass.tune, 2 where the run
+# cannot start (no CUDA, the package does not import), 1 otherwise.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${1:-benchmarks/results/gpu}"
+ROOT=$PWD
+DRY="${GPU_DRY_RUN:-0}"
+if [ "$DRY" = 1 ]; then
+    OUT="${1:-$(mktemp -d -t convbn-gpu-dry.XXXXXX)}"
+else
+    OUT="${1:-benchmarks/results/gpu}"
+fi
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # convbn_pass from this checkout
-export HF_HUB_OFFLINE=1                               # timm: never reach for the hub
+OUT="$(cd "$OUT" && pwd)"
+PY="${PYTHON:-python}"
+export PYTHONPATH="$ROOT/src:$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # convbn_pass and benchmarks
+export HF_HUB_OFFLINE=1                                          # timm: never reach for the hub
 
-if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-    echo "gpu.sh: CUDA is not available here" >&2
+if [ "$DRY" = 1 ]; then
+    DEVICE=cpu
+    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+    # The MLP (Linear-BN pairs: PyTorch's built-in pass, conv-only, has nothing to do
+    # there), one warm-up compile (shared kernel cache), one round.
+    GRID=(--models mlp_bn --batches 2 --device cpu --modes compile pass_memory deploy
+          --shared-kernel-cache --rounds 1 --steps 1 --time-per-cell 5 --budget 200)
+    TESTS=(-k "light_float64 and conv2d-bias-affine-groups1")
+    GRAPHS=(--model mlp_bn --batch 4 --px 32 --steps 2)
+    LIMITS=(260 120 200 120)
+else
+    DEVICE=cuda
+    GRID=(--preset gpu)
+    TESTS=()
+    GRAPHS=(--model torchvision:resnet18 --batch 32 --px 224 --steps 20)
+    LIMITS=(230 100 90 45)     # seconds per step: 465 in all, under the 8 minutes
+    if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+        echo "gpu.sh: CUDA is not available here (GPU_DRY_RUN=1 runs the CPU dry run)" >&2
+        exit 2
+    fi
+    nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
+fi
+if ! "$PY" -c "import convbn_pass, benchmarks.run" 2> "$OUT/import-error.txt"; then
+    echo "gpu.sh: cannot import the package from $ROOT/src: $(tail -1 "$OUT/import-error.txt")" >&2
     exit 2
 fi
-nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
+rm -f "$OUT/import-error.txt"
+"$PY" - > "$OUT/environment.txt" <<'EOF'
+import importlib, torch, convbn_pass
+print("torch", torch.__version__, "| cuda", torch.version.cuda, "| device",
+      torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
+for name in ("torchvision", "timm", "triton"):
+    try:
+        print(name, importlib.import_module(name).__version__)
+    except ImportError:
+        print(name, "not installed")
+print("convbn_pass", convbn_pass.__file__)
+EOF
+cat "$OUT/environment.txt" >&2
+: > "$OUT/steps.txt"
+failed=0
 
-timeout --kill-after=10 445 python -m benchmarks.run --preset gpu --out "$OUT" \
-    2> >(tee "$OUT/log.txt" >&2)
-status=$?
-if [ "$status" -ne 0 ]; then
-    echo "gpu.sh: the run ended with status $status; rebuilding tables from results.json" >&2
-    python -m benchmarks.run --report-only "$OUT" || true
+step() {  # step NAME LIMIT COMMAND...: run under `timeout LIMIT`, log, record seconds
+    local name=$1 limit=$2 begin=$SECONDS status=0
+    shift 2
+    echo "== gpu.sh: $name (at most $limit s)" >&2
+    timeout --kill-after=10 "$limit" "$@" > >(tee "$OUT/$name.log") 2>&1 || status=$?
+    echo "$name: $((SECONDS - begin)) s, exit status $status" | tee -a "$OUT/steps.txt" >&2
+    [ "$status" -eq 0 ] || failed=1
+    return "$status"
+}
+
+if ! step grid "${LIMITS[0]}" "$PY" -m benchmarks.run "${GRID[@]}" --out "$OUT/grid"; then
+    echo "gpu.sh: the grid ended early; rebuilding its tables from results.json" >&2
+    "$PY" -m benchmarks.run --report-only "$OUT/grid" || true
+fi
+if "$PY" -c "import pytest" 2>/dev/null; then
+    step tests "${LIMITS[1]}" "$PY" -m pytest -q -p no:cacheprovider --device "$DEVICE" \
+        tests/test_numerics.py ${TESTS[@]+"${TESTS[@]}"}
+else
+    echo "tests: skipped: pytest is not installed (pip install pytest)" | tee -a "$OUT/steps.txt" >&2
+    failed=1
+fi
+step cudagraphs "${LIMITS[2]}" "$PY" -m benchmarks.cudagraphs "${GRAPHS[@]}" \
+    --device "$DEVICE" --out "$OUT/cudagraphs"
+if "$PY" -c "import sys, convbn_pass; sys.exit(0 if callable(getattr(convbn_pass, 'tune', None)) else 1)" \
+        && [ -f tests/test_eager.py ] && "$PY" -c "import pytest" 2>/dev/null; then
+    step eager "${LIMITS[3]}" "$PY" -m pytest -q -p no:cacheprovider --device "$DEVICE" \
+        tests/test_eager.py
+else
+    echo "eager: skipped: convbn_pass.tune is not callable in this checkout (or tests/test_eager.py or pytest is missing)" \
+        | tee -a "$OUT/steps.txt" >&2
 fi
 echo "gpu.sh: results in $OUT" >&2
-exit "$status"
+exit "$failed"

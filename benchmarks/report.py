@@ -617,9 +617,14 @@ def _plot_blocks(blocks: list[BlockResult], auto_ratio: float | None,
 
 
 def write_all(results: RunResult, out: pathlib.Path) -> list[str]:
-    """results.md, results.csv and the PNGs; returns the file names written."""
-    import matplotlib
-    matplotlib.use("Agg")
+    """results.md, results.csv and, where matplotlib imports, the PNGs; returns the
+    file names written."""
+    try:
+        import matplotlib
+    except ImportError:  # a bare GPU machine: the tables alone
+        matplotlib = None
+    else:
+        matplotlib.use("Agg")
     written = []
     rows = csv_rows(results)
     if rows:
@@ -646,7 +651,7 @@ def write_all(results: RunResult, out: pathlib.Path) -> list[str]:
                                              results.environment.get("auto_ratio"), p),
     }
     for name, plot in plots.items():
-        if plot(out / name):
+        if matplotlib is not None and plot(out / name):
             written.append(name)
     md = markdown(results)
     if written:

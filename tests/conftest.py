@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import convbn_pass
+from convbn_pass.core import compat
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -33,7 +34,7 @@ def device(request: pytest.FixtureRequest) -> torch.device:
 def _fresh_state():
     torch._dynamo.reset()
     convbn_pass.clear_decisions()
-    with torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=4096), \
+    with torch._dynamo.config.patch(**compat.recompile_limits(64, 4096)), \
             torch._inductor.config.patch(fx_graph_cache=False, autotune_local_cache=False):
         yield
     convbn_pass.disable()

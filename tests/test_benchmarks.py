@@ -143,3 +143,43 @@ def test_a_failing_fresh_process_is_one_error_value():
     done = harness.spawn("benchmarks.no_such_worker", {"model": "x"})
     assert done.result == {"error": done.stderr.strip().splitlines()[-1]}
     assert "No module named benchmarks.no_such_worker" in done.result["error"]
+
+
+def test_deploy_floor_light_every_pair_at_deploy_bytes(capsys, tmp_path: pathlib.Path):
+    from benchmarks import deploy_floor
+    out = tmp_path / "floor.json"
+    assert deploy_floor.main(["--models", "resnet_tiny", "mlp_bn", "--px", "32",
+                              "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["model"], r["at_floor"], r["comparable"]) for r in rows] == [
+        ("resnet_tiny", True, True), ("mlp_bn", True, True)]
+    assert all(r["tune_bytes"] < r["eval_bytes"] for r in rows)
+    assert capsys.readouterr().out.count("= deploy") == 2
+
+
+def test_deploy_floor_a_shared_pair_is_not_judged_against_deploy():
+    from benchmarks import deploy_floor
+    row = deploy_floor.Floor("m", "light", eval_bytes=10, tune_bytes=6, deploy_bytes=8,
+                             tuned=4, folded=2)
+    assert not row.comparable and not row.at_floor
+
+
+@pytest.mark.parametrize("module, argv, message", [
+    ("deploy_floor", ["--models", "nope"], "unknown model(s) nope"),
+    ("cudagraphs", ["--model", "resnet_tiny", "--batch", "0", "--device", "cpu", "--out", "x"],
+     "must be positive"),
+    ("cudagraphs", ["--model", "nope", "--device", "cpu", "--out", "x"], "nope"),
+])
+def test_bad_input_is_one_line(capsys, module, argv, message):
+    import importlib
+    main = importlib.import_module(f"benchmarks.{module}").main
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_report_without_matplotlib_writes_the_tables(monkeypatch, tmp_path: pathlib.Path):
+    """A bare GPU machine may lack matplotlib: the tables are still written."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import raises ImportError
+    written = report.write_all(records.RunResult(environment={}), tmp_path)
+    assert written == ["results.md"] and (tmp_path / "results.md").exists()

@@ -6,12 +6,15 @@ Refresh with ``EXPECTTEST_ACCEPT=1 python -m pytest tests/test_goldens.py``.
 from __future__ import annotations
 
 import expecttest
+import pytest
 import torch
 import torch.nn as nn
 
 import convbn_pass
 from convbn_pass import backends, zoo
 from convbn_pass.printing import format_graph
+
+pytestmark = pytest.mark.version  # in the version suite (pytest -m version)
 
 
 class Block(nn.Module):

@@ -29,6 +29,8 @@ from convbn_pass import report as report_module
 from convbn_pass import zoo
 from convbn_pass.core.records import Tally, tally
 
+pytestmark = pytest.mark.version  # in the version suite (pytest -m version)
+
 # resnet_tiny (12 conv-BN pairs) at its own input, batch 4 at 32x32: a few seconds a compile.
 TINY = ["resnet_tiny", "--quiet"]
 MODELS = "inspect_test_models"  # a module the tests put in sys.modules

@@ -15,6 +15,8 @@ from convbn_pass import backends, deploy, memory, zoo
 from convbn_pass.core.records import COUNTER
 from helpers import inductor, light
 
+pytestmark = pytest.mark.version  # in the version suite (pytest -m version)
+
 
 def _resnet() -> tuple[torch.nn.Module, torch.Tensor]:
     model = zoo.randomize_bn(zoo.build("resnet_tiny")[0]).eval()

@@ -66,6 +66,7 @@ CASES += [(kind, True, True, groups) for kind in KINDS if kind != "linear"
           for groups in (2, 4)]
 
 
+@pytest.mark.version  # float64 numerics: in the version suite
 @pytest.mark.parametrize("kind,bias,affine,groups", cases(CASES))
 def test_light_float64(kind, bias, affine, groups, device):
     model = block(kind, bias=bias, affine=affine, groups=groups, c_in=4,
@@ -85,6 +86,7 @@ INDUCTOR_CASES = [("conv2d", True, True, 1), ("conv2d", False, False, 2),
                   ("conv_transpose3d", True, False, 1), ("linear", True, True, 1)]
 
 
+@pytest.mark.version  # float64 numerics: in the version suite
 @pytest.mark.inductor
 @pytest.mark.parametrize("kind,bias,affine,groups", cases(INDUCTOR_CASES))
 def test_inductor_float64(kind, bias, affine, groups, device):

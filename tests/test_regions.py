@@ -13,6 +13,7 @@ import torch.nn as nn
 from torch._dynamo.utils import counters
 
 import convbn_pass
+from convbn_pass.core import compat
 from convbn_pass import backends, regions, zoo
 from helpers import Step, check_every_pair_tuned, errors
 
@@ -279,7 +280,7 @@ def test_more_block_shapes_than_the_recompile_limit():
     torch.manual_seed(0)
     model = zoo.randomize_bn(_Blocks([zoo.Bottleneck(8, 4 + i) for i in range(10)])).eval()
     x = torch.randn(1, 8, 8, 8)
-    with torch._dynamo.config.patch(recompile_limit=8):
+    with torch._dynamo.config.patch(**compat.recompile_limits(8)):
         plan = regions.compile_regions(model, x, backend=backends.light("memory"))
         model(x)
     assert len(plan.groups) == 10 and not plan.root

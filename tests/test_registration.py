@@ -14,8 +14,13 @@ from torch._inductor import config as inductor_config
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 import convbn_pass
+from convbn_pass.core import compat
 from convbn_pass import backends, memory, zoo
 from helpers import Step, block, errors, sample, tuned
+
+# In the version suite (pytest -m version), except the Inductor mode-switch test, whose
+# light-backend twin is in it.
+VERSION = pytest.mark.version
 
 
 class UserPass(CustomGraphPass):
@@ -43,6 +48,7 @@ def _compile_and_run(model: nn.Module, x: torch.Tensor, **kw) -> None:
     torch.compile(model, **kw)(x).sum().backward()
 
 
+@VERSION
 def test_enable_twice_is_harmless():
     convbn_pass.enable()
     convbn_pass.enable(policy="memory")
@@ -90,6 +96,7 @@ def test_enable_counts_graphs_compiled_without_the_pass_since_reset(steps, stale
                       if stale else [])
 
 
+@VERSION
 def test_user_pass_keeps_running_and_comes_back(user_pass):
     convbn_pass.enable(policy="memory")
     convbn_pass.enable(policy="memory")  # not wrapped twice
@@ -100,6 +107,7 @@ def test_user_pass_keeps_running_and_comes_back(user_pass):
     assert inductor_config.pre_grad_custom_pass is user_pass
 
 
+@VERSION
 def test_enabled_context_restores(user_pass):
     with convbn_pass.enabled(policy="memory"):
         assert convbn_pass.is_enabled()
@@ -108,6 +116,7 @@ def test_enabled_context_restores(user_pass):
     assert tuned() == 1
 
 
+@VERSION
 def test_options_leave_global_config_alone(user_pass):
     opts = convbn_pass.options("memory", fx_graph_cache=False)
     assert inductor_config.pre_grad_custom_pass is user_pass
@@ -116,6 +125,7 @@ def test_options_leave_global_config_alone(user_pass):
     assert user_pass.calls == 1 and tuned() == 1
 
 
+@VERSION
 def test_uuid_keys_the_options():
     uuids = {convbn_pass.ConvBNPass(p).uuid() for p in convbn_pass.POLICIES}
     assert len(uuids) == len(convbn_pass.POLICIES)
@@ -124,6 +134,7 @@ def test_uuid_keys_the_options():
     assert convbn_pass.ConvBNPass("auto", before=(lambda graph: None,)).uuid() is None
 
 
+@VERSION
 @pytest.mark.inductor
 def test_equal_options_reuse_graphs_past_the_recompile_limit():
     """Each torch.compile(..., options=convbn_pass.options()) of one model class with
@@ -140,7 +151,7 @@ def test_equal_options_reuse_graphs_past_the_recompile_limit():
 
     x = torch.randn(2, 4, 8, 8)
     kept = []
-    with torch._dynamo.config.patch(recompile_limit=8):
+    with torch._dynamo.config.patch(**compat.recompile_limits(8)):
         for _ in range(10):
             model = zoo.randomize_bn(Block()).eval()
             fn = torch.compile(model, options=convbn_pass.options("memory",
@@ -154,11 +165,13 @@ def test_equal_options_reuse_graphs_past_the_recompile_limit():
     assert convbn_pass.options("auto") != convbn_pass.options("auto", ratio=4.0)
 
 
+@VERSION
 def test_unknown_policy_is_one_clear_error():
     with pytest.raises(ValueError, match="unknown policy 'fast'; choose one of auto"):
         convbn_pass.options("fast")
 
 
+@VERSION
 def test_enable_after_plain_compile_warns():
     """Dynamo would reuse the plain graph for another instance of the class."""
     _compile_and_run(block("conv2d"), sample("conv2d"), backend=backends.light(None))
@@ -166,12 +179,14 @@ def test_enable_after_plain_compile_warns():
         convbn_pass.enable()
 
 
+@VERSION
 def test_enable_on_fresh_process_state_does_not_warn(recwarn):
     convbn_pass.disable()  # records that no graph was compiled while off
     convbn_pass.enable()
     assert not [w for w in recwarn if "convbn_pass" in str(w.message)]
 
 
+@VERSION
 @pytest.mark.inductor
 def test_model_counts_and_matches_eager_through_inductor(caplog, tmp_path, monkeypatch):
     """A model with N eligible pairs reports N tuned and matches eager Eval mode;
@@ -220,6 +235,7 @@ def _mode_switches(compile_fn) -> None:
     assert sum(d.reason == "bn_training" for d in decided) >= 2  # the train compile(s)
 
 
+@VERSION
 def test_mode_switches_light():
     _mode_switches(lambda m: torch.compile(m, backend=backends.light("memory")))
 

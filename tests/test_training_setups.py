@@ -3,6 +3,7 @@ variants, DDP, Inductor's caches, and other pre-grad passes."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import statistics
 from typing import Callable
@@ -16,6 +17,7 @@ from torch._inductor import config as inductor_config
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 import convbn_pass
+from convbn_pass.core import compat
 from convbn_pass import backends, memory, zoo
 from convbn_pass.core.records import COUNTER
 from helpers import (Step, block, errors, inductor, inductor_options, light, rel_err, run_fresh,
@@ -287,8 +289,12 @@ def test_warm_caches_stay_correct_and_keyed_by_options(tmp_path, monkeypatch):
     # Warned once, when a compile is served from the cache: the cold run's first
     # compile (forward, then its backward compiled lazily) is not; its second
     # compile, after torch._dynamo.reset(), already is.
+    # Torch 2.10 and 2.11 run pre-grad passes before looking the cache up: there the
+    # pass runs on a warm compile too, and nothing is served past it.
+    keyed = compat.asks_pass_key_every_compile()
     with torch._functorch.config.patch(enable_autograd_cache=True), \
-            pytest.warns(UserWarning, match="served from Inductor's cache"):
+            (pytest.warns(UserWarning, match="served from Inductor's cache") if keyed
+             else contextlib.nullcontext()):
         hits0, tuned0, served0, saved0, err0 = run("memory")   # cold
         hits1, tuned1, served1, saved1, err1 = run("memory")   # warm, same options
         _, tuned2, _, saved2, _ = run("keep_weight")     # other options
@@ -296,7 +302,7 @@ def test_warm_caches_stay_correct_and_keyed_by_options(tmp_path, monkeypatch):
     assert hits0 == 0 and tuned0 >= 1 and served0 == 0
     # reused, still right, and the counters say why no block is listed
     assert hits1 >= 1 and saved1 == saved0 and err1 <= 1e-5
-    assert tuned1 == 0 and served1 >= 1
+    assert (tuned1 == 0 and served1 >= 1) if keyed else (tuned1 >= 1 and served1 == 0)
     assert tuned2 >= 1 and saved2 > saved0   # recompiled: W′ kept
     assert tuned3 == 0 and saved3 > saved0   # recompiled: no rewrite
     assert err0 <= 1e-5

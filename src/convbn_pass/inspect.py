@@ -244,8 +244,8 @@ def _compile(model: nn.Module, policy: str | None, args: argparse.Namespace,
         if policy is not None:
             options = convbn_pass.options(policy, on_graph=seen.rewrites.append, **_NO_CACHE)
         else:  # the user's own pre-grad passes, if any, and not this one even if enabled
-            user = list(user_passes())
-            options = {**_NO_CACHE, "pre_grad_custom_pass": user or None}
+            options = {**_NO_CACHE,
+                       "pre_grad_custom_pass": compat.custom_pass_setting(user_passes())}
         inner = compat.inductor_backend(options, dynamic=args.dynamic)
     backend = seen.backend(inner)
     if runs is not None:

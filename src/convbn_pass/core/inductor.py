@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import pathlib
 import warnings
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 import torch.fx as fx
 from torch._dynamo.utils import counters
@@ -111,9 +112,13 @@ class ConvBNPass(CustomGraphPass):
         return hash(self._key())
 
     def uuid(self) -> Any:
-        # Inductor asks for the key only where a cache may serve the compile.
+        # Inductor asks for the key only where a cache may serve the compile, and (torch
+        # 2.12 on: pre_grad_pass_timing) once per compile to time its pre-grad passes,
+        # under that compile's options: where those switch pre-grad passes off, the pass
+        # will not run, and that is said as such rather than as a cache hit.
         _ledger.watch()
-        _cache_watch.lookups += 1
+        if _off_watch.check():
+            _cache_watch.lookups += 1
         _cache_watch.install()
         befores = []
         for user_pass in self.before:
@@ -176,6 +181,68 @@ class _CacheWatch:
 
 
 _cache_watch = _CacheWatch()
+
+
+OFF_COUNTER_KEY = "pre_grad_passes_off"  # counters[COUNTER][OFF_COUNTER_KEY]
+
+
+def pre_grad_passes_off(extra: Mapping[str, Any] | None = None) -> str | None:
+    """The setting that keeps Inductor from running any pre-grad pass (so this one
+    cannot run), in words, or None where pre-grad passes run. ``extra`` are options
+    about to be given to ``torch.compile``; otherwise the config in force is read
+    (inside a compile: with that compile's options and mode applied)."""
+    if extra is not None and "use_pre_grad_passes" in extra:
+        return None if compat.pre_grad_passes_on(extra) else "use_pre_grad_passes=False in the options"
+    if compat.pre_grad_passes_on(inductor_config):
+        return None
+    if os.environ.get("TORCHINDUCTOR_LITE_MODE") == "1":
+        return ("TORCHINDUCTOR_LITE_MODE=1 (which makes "
+                "torch._inductor.config.use_pre_grad_passes default to False)")
+    return ("torch._inductor.config.use_pre_grad_passes=False "
+            "(switched off, or set by torch.compile(mode=\"lite\"))")
+
+
+class _OffWatch:
+    """Says so when Inductor will not run pre-grad passes, so the pass is installed
+    but never runs: counted as ``counters["convbn_pass"]["pre_grad_passes_off"]``
+    (once per ``enable()`` or ``options()`` call made while they are off, once per
+    compile that finds them off) and warned about once, naming the setting.
+
+    Checked where the pass is set up (``enable()``, ``options()``) and inside each
+    compile that asks the pass for its ``uuid()`` (``compat.asks_pass_key_every_compile``);
+    torch 2.10 and 2.11 never ask, so there a setting switched off only for one compile
+    (``mode="lite"`` with ``enable()``) is not seen."""
+
+    def __init__(self) -> None:
+        self.warned = False
+        self.compiles = 0      # Dynamo compiles started since the watch was installed
+        self._counted = -1     # the compile last counted
+
+    def start(self, *args: Any) -> None:
+        self.compiles += 1
+
+    def check(self, extra: Mapping[str, Any] | None = None, *, setup: bool = False) -> bool:
+        """True where pre-grad passes run; otherwise count, warn once, and False.
+        ``setup``: called from enable()/options(), not inside a compile, where a
+        second check of one compile counts nothing more."""
+        compat.on_compile(self.start)
+        setting = pre_grad_passes_off(extra)
+        if setting is None:
+            return True
+        if setup or self._counted != self.compiles:
+            self._counted = -1 if setup else self.compiles
+            counters[COUNTER][OFF_COUNTER_KEY] += 1
+        if not self.warned:
+            self.warned = True
+            warnings.warn(
+                f"convbn_pass: Inductor will not run pre-grad passes here ({setting}), "
+                "so the Conv-BN pass does not run and no block is tuned (counted as "
+                f"counters['convbn_pass']['{OFF_COUNTER_KEY}']). Compile without that "
+                "setting to run the pass.", stacklevel=3)
+        return False
+
+
+_off_watch = _OffWatch()
 
 
 def copy_graph(graph: fx.Graph) -> fx.Graph:
@@ -272,6 +339,7 @@ def enable(policy: str = "auto", *, ratio: float = AUTO_RATIO) -> None:
     back on :func:`disable`. Enabling again changes only the options.
     """
     new = ConvBNPass(policy, ratio=ratio, before=user_passes())
+    _off_watch.check(setup=True)
     stale = _ledger.stale()
     if not is_enabled() and stale > 0:
         warnings.warn(
@@ -290,9 +358,7 @@ def disable() -> None:
     """Stop running the pass; restore the user's own pre-grad pass, if any."""
     _ledger.watch()
     if _ours_installed():
-        before = user_passes()
-        inductor_config.pre_grad_custom_pass = (
-            None if not before else before[0] if len(before) == 1 else list(before))
+        inductor_config.pre_grad_custom_pass = compat.custom_pass_setting(user_passes())
 
 
 @contextlib.contextmanager
@@ -315,5 +381,6 @@ def options(policy: str = "auto", *, ratio: float = AUTO_RATIO,
     ``on_graph`` as for :class:`ConvBNPass`."""
     chosen = ConvBNPass(policy, ratio=ratio, on_graph=on_graph, before=user_passes())
     _ledger.watch()
+    _off_watch.check(extra, setup=True)
     return {"pre_grad_custom_pass": chosen, **extra}
 

@@ -29,6 +29,7 @@ from test_training_setups import AMP_LIMIT, AMP_SEEDS, BatchNormAct2d, VisionFro
     _ratios_over_seeds
 
 TOL = 1e-10
+VERSION = pytest.mark.version  # the eager path in the version suite (pytest -m version)
 
 
 def tuned(model: nn.Module, x: Any, policy: str = "memory", **kw: Any
@@ -59,6 +60,7 @@ def check(model: nn.Module, x: torch.Tensor, policy: str = "memory") -> convbn_p
 
 # --- Every kind of block ---------------------------------------------------------------------
 
+@VERSION
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 @pytest.mark.parametrize("kind", KINDS)
@@ -157,6 +159,7 @@ def _model(name: str) -> tuple[nn.Module, torch.Tensor]:
     return zoo.randomize_bn(model).eval().double(), x
 
 
+@VERSION
 @pytest.mark.parametrize("name", MODELS)
 def test_memory_keeps_deploy_bytes(name):
     model, x = _model(name)
@@ -273,6 +276,7 @@ NEGATIVES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], list[str]]]
 }
 
 
+@VERSION
 @pytest.mark.parametrize("name", sorted(NEGATIVES))
 def test_left_alone_and_exact(name):
     factory, shape, expected = NEGATIVES[name]
@@ -327,6 +331,7 @@ def test_pairs_after_a_graph_break(shift):
     assert max(errors(Step(got, x2), Step(model, x2)).values()) <= TOL
 
 
+@VERSION
 def test_blocks_past_dynamos_recompile_limit():
     """zoo.RoutedNet: a loop dispatches 12 blocks with a data-dependent choice between
     them; Dynamo compiles the block forward once per block (each has its own dilation),
@@ -372,6 +377,7 @@ def test_data_flow_unlike_the_trace_raises():
 
 # --- Modes at run time -----------------------------------------------------------------------------
 
+@VERSION
 def test_train_then_eval():
     """train(): exactly Train mode (batch statistics, running statistics updated);
     eval() again: Tune mode, without tuning again."""
@@ -552,6 +558,7 @@ def test_tune_region_compiled_raises():
 
 # --- Composition ---------------------------------------------------------------------------------
 
+@VERSION
 @pytest.mark.parametrize("policy", ["memory", "keep_weight"])
 @pytest.mark.parametrize("name", ["resnet", "unet"])
 def test_compile_a_tuned_model(name, policy):

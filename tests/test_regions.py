@@ -15,6 +15,7 @@ from torch._dynamo.utils import counters
 import convbn_pass
 from convbn_pass.core import compat
 from convbn_pass import backends, regions, zoo
+from convbn_pass.core import compat
 from helpers import Step, check_every_pair_tuned, errors
 
 TOL = 1e-10
@@ -297,6 +298,8 @@ def test_find_pairs_reads_a_graph_once_per_block_it_runs_for():
         (f"blocks.{i}.conv", f"blocks.{i}.bn") for i in range(12)]
 
 
+@pytest.mark.skipif(not compat.isolated_recompiles(1),
+                    reason="this torch.compile cannot give a compile a recompile budget of its own")
 def test_find_pairs_leaves_the_users_recompile_budget_alone():
     """The trace has a recompile budget of its own: a compile after it tunes as many pairs
     as a compile without it (Dynamo's limit counts compiles per code object)."""

@@ -266,10 +266,14 @@ def _trace(model: nn.Module, args: tuple[Any, ...]) -> list[tuple[fx.Graph, tupl
     # A recompile budget of its own: blocks whose forward Dynamo compiles once per
     # block (past a graph break) are all seen, and the trace's cache entries do not
     # count against the user's own compiles of the same code.
-    tracer = torch.compile(_entry("convbn_trace"), backend=record,
-                           **compat.isolated_recompiles(_TRACE_RECOMPILE_LIMIT))
+    isolated = compat.isolated_recompiles(_TRACE_RECOMPILE_LIMIT)
+    tracer = torch.compile(_entry("convbn_trace"), backend=record, **isolated)
+    # Where torch cannot isolate a compile's budget, the trace raises the process's
+    # limits while it runs (and its compiles then count against the user's later ones).
+    limits = {} if isolated else compat.recompile_limits(_TRACE_RECOMPILE_LIMIT)
     try:
-        with torch.random.fork_rng(devices=_cuda_devices(model)), torch.no_grad():
+        with torch.random.fork_rng(devices=_cuda_devices(model)), torch.no_grad(), \
+                torch._dynamo.config.patch(**limits):
             tracer(model, *args)
     finally:
         with torch.no_grad():

@@ -50,13 +50,15 @@ from convbn_pass import deploy, memory, models, step, zoo
 __all__ = ["ModeRun", "ModelRun", "MODES", "build_mode", "measure", "main"]
 
 DEFAULT_MODELS = ("resnet50", "mobilenet_v2", "timm:efficientnet_b0",
-                  "benchmarks.eager_modes:fasterrcnn_backbone", "unet")
+                  "benchmarks.eager_modes:fasterrcnn_backbone",
+                  "benchmarks.eager_modes:fasterrcnn_backbone_bn", "unet")
 # Where a model's own input would make a step too slow on a CPU.
 INPUTS: dict[str, tuple[tuple[int, ...], int]] = {
     "resnet50": ((3, 160, 160), 8),
     "mobilenet_v2": ((3, 160, 160), 8),
     "timm:efficientnet_b0": ((3, 160, 160), 8),
     "benchmarks.eager_modes:fasterrcnn_backbone": ((3, 448, 640), 2),
+    "benchmarks.eager_modes:fasterrcnn_backbone_bn": ((3, 448, 640), 2),
     "unet": ((3, 128, 128), 8),
 }
 # Models of this benchmark beyond what convbn_pass.models.load knows.
@@ -77,6 +79,15 @@ def fasterrcnn_backbone() -> nn.Module:
     from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
     from torchvision.ops.misc import FrozenBatchNorm2d
     return _resnet_fpn_extractor(resnet50(weights=None, norm_layer=FrozenBatchNorm2d), 3)
+
+
+def fasterrcnn_backbone_bn() -> nn.Module:
+    """The same backbone with BatchNorm2d in eval mode, γ and β trained: MMDetection's
+    ``norm_eval=True`` setting, where Tune mode saves memory (a FrozenBatchNorm2d keeps
+    no conv output for backward in the first place)."""
+    from torchvision.models import resnet50
+    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+    return _resnet_fpn_extractor(resnet50(weights=None), 3)
 
 
 @dataclasses.dataclass

@@ -52,3 +52,14 @@ def test_a_conv_called_twice_is_not_folded() -> None:
     assert deploy.pairs(model, x) == []
     with torch.no_grad():
         torch.testing.assert_close(deploy.fold(model, x)(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+def test_a_frozen_stage_stays_frozen() -> None:
+    # a detector's frozen stem: folded weights that trained would keep the conv input
+    model = zoo.randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))).eval()
+    model.requires_grad_(False)
+    folded = deploy.fold(model, torch.randn(1, 3, 9, 9))
+    assert not folded[0].weight.requires_grad and not folded[0].bias.requires_grad
+    model[1].weight.requires_grad_(True)  # γ trains: so do W′ and b′
+    folded = deploy.fold(model, torch.randn(1, 3, 9, 9))
+    assert folded[0].weight.requires_grad and folded[0].bias.requires_grad

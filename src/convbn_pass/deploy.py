@@ -55,9 +55,15 @@ def fold(model: nn.Module, *example_inputs: Any) -> nn.Module:
         scale, mean, shift = norm_row.terms(lambda fn, *args: fn(*args), tensors, bn.eps)
         groups = getattr(conv, "groups", 1)
         new = copy.deepcopy(conv)
+        # W′ and b′ train where what they are made of trains: a frozen stage stays frozen
+        # (trained, it would keep each conv's input for a weight gradient Eval mode
+        # never computes).
+        trains = [t.requires_grad for t in (conv.weight, conv.bias, bn.weight, bn.bias)
+                  if isinstance(t, torch.Tensor)]
         new.weight = nn.Parameter(algebra.scale_weight(conv.weight, scale, conv_row.transposed,
-                                                    groups))
-        new.bias = nn.Parameter(algebra.fuse_bias(conv.bias, mean, scale, shift, conv.weight))
+                                                    groups), requires_grad=any(trains))
+        new.bias = nn.Parameter(algebra.fuse_bias(conv.bias, mean, scale, shift, conv.weight),
+                                requires_grad=any(trains))
         _set_submodule(folded, conv_path, new)
         stock = type(bn).forward in norm_row.forwards
         _set_submodule(folded, bn_path, nn.Identity() if stock else _AfterNorm(bn))

@@ -24,14 +24,23 @@ __all__ = ["fold", "pairs"]
 
 
 def pairs(model: nn.Module, *example_inputs: Any) -> list[tuple[str, str]]:
-    """``(conv path, bn path)`` of every pair that can be folded: the pairs
-    :func:`convbn_pass.tune` would tune under ``memory`` (found from the data flow of
-    ``model(*example_inputs)``, each module called once, the conv output read by its
-    BatchNorm alone) whose modules a row of ``forms.py`` reads (a frozen BN has no
-    module row to fold)."""
-    from .eager import plan_tune
-    plan = plan_tune(model, example_inputs, policy="memory")
-    return [(d.conv, d.bn) for d in plan.tuned if _foldable(model, d.conv, d.bn)]
+    """``(conv path, bn path)`` of every pair that can be folded, from the data flow of
+    ``model(*example_inputs)`` (:func:`convbn_pass.regions.trace_pairs`): the pass would
+    accept it, both are modules that a row of ``forms.py`` reads (a frozen BN traced as
+    an affine has no module row to fold), and each module runs once in an eager forward
+    (:func:`convbn_pass.eager.module_calls`: a module called twice cannot be folded for
+    one call only)."""
+    from . import regions
+    from .eager import module_calls
+    with torch.no_grad():
+        calls, _ = module_calls(model, example_inputs)
+    found = []
+    for traced in regions.trace_pairs(model, example_inputs):
+        conv, bn = traced.pair.conv, traced.pair.bn
+        if traced.pair.reject is None and _foldable(model, conv, bn) and all(
+                calls[id(model.get_submodule(path))] == 1 for path in (conv, bn)):
+            found.append((conv, bn))
+    return found
 
 
 def _foldable(model: nn.Module, conv_path: str, bn_path: str) -> bool:

@@ -593,7 +593,7 @@ class _Norms:
 
 
 @torch.no_grad()
-def _call_counts(model: nn.Module, args: tuple[Any, ...]
+def module_calls(model: nn.Module, args: tuple[Any, ...]
                  ) -> tuple[Counter[int], list[tuple[str, str]]]:
     """How often each module's forward runs in one eager forward (by ``id``): a
     module called twice cannot be tuned for one of its calls; and the conv-BN module
@@ -669,7 +669,7 @@ def plan_tune(model: nn.Module, example_inputs: Any, *, policy: str = "auto",
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     with _Norms(model):
         try:
-            calls, seen = _call_counts(model, args)
+            calls, seen = module_calls(model, args)
         except Exception as exc:
             raise ValueError(f"tune(): {type(model).__name__} rejects the example inputs "
                              f"({_first_line(exc)})") from exc

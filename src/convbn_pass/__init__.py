@@ -45,8 +45,8 @@ __version__ = "0.1.0"
 # The tools beside the pass, importable as attributes (``convbn_pass.backends.light``)
 # without ``import convbn_pass.backends`` first, and loaded only when first used:
 # backends alone adds about 0.7 s to ``import convbn_pass`` (functorch.compile).
-_SUBMODULES = ("backends", "deploy", "inspect", "memory", "models", "printing", "regions",
-               "report", "step", "zoo")
+_SUBMODULES = ("backends", "coverage", "deploy", "eager", "inspect", "memory", "models",
+               "printing", "regions", "report", "step", "zoo")
 
 
 def __getattr__(name: str) -> Any:

@@ -162,3 +162,17 @@ def run_fresh(code: str, *args: str, **env: str) -> Any:
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def small_resnet() -> nn.Module:
+    """A ResNet with one Bottleneck a stage at width 8, float64, eval mode, random BN
+    statistics: the model the two-process (DDP, FSDP2) tests train."""
+    torch.manual_seed(0)
+    model = zoo.ResNet(zoo.Bottleneck, [1, 1, 1, 1], num_classes=4, width=8)
+    return zoo.randomize_bn(model).eval().double()
+
+
+def image_batches(steps: int) -> list[torch.Tensor]:
+    """``steps`` fixed float64 batches of four 32×32 images for :func:`small_resnet`."""
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randn(4, 3, 32, 32, generator=gen, dtype=torch.float64) for _ in range(steps)]

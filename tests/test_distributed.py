@@ -33,7 +33,7 @@ from torch._dynamo.utils import counters
 import convbn_pass
 from convbn_pass import backends, memory, regions, zoo
 from convbn_pass.core.records import COUNTER
-from helpers import Step, errors
+from helpers import Step, errors, image_batches, small_resnet
 
 STEPS = 3
 
@@ -138,17 +138,6 @@ BF16_DRAWS = 8
 BF16_FACTOR = {"pass": 2.0, "pass_f32_stats": 1.25}
 
 
-def _resnet() -> nn.Module:
-    torch.manual_seed(0)
-    model = zoo.ResNet(zoo.Bottleneck, [1, 1, 1, 1], num_classes=4, width=8)
-    return zoo.randomize_bn(model).eval().double()
-
-
-def _image_batches() -> list[torch.Tensor]:
-    gen = torch.Generator().manual_seed(1)
-    return [torch.randn(4, 3, 32, 32, generator=gen, dtype=torch.float64) for _ in range(STEPS)]
-
-
 class _Activations(memory.SavedTensors):
     """Saved-for-backward bytes less the model's parameters and buffers *as they are
     when saved*: under FSDP2 a module's parameters are its unsharded copies while it
@@ -216,7 +205,7 @@ def _sharded(model: nn.Module, example: torch.Tensor, policy: str | None,
 def _sharded_run(rank: int) -> dict[str, Any]:
     torch._dynamo.reset()
     counters.clear()
-    model, batches = _resnet(), _image_batches()
+    model, batches = small_resnet(), image_batches(STEPS)
     _sharded(model, batches[0].chunk(WORLD)[rank], "memory")
     kept = _steps(model, model, batches, rank, WORLD)
     return {"state": _full_state(model), "tuned": counters[COUNTER]["tuned"],
@@ -248,7 +237,7 @@ def _bf16_run(rank: int) -> dict[str, list[dict[str, torch.Tensor]]]:
                                     ("pass_f32_stats", "memory", False)):
         torch._dynamo.reset()
         draws = _bf16_draws()
-        model = _sharded(_resnet().float(), draws[0].chunk(WORLD)[rank].float(), policy,
+        model = _sharded(small_resnet().float(), draws[0].chunk(WORLD)[rank].float(), policy,
                          bf16_stats)
         found[arm] = [_grads(model, x.chunk(WORLD)[rank].float()) for x in draws]
     return found
@@ -257,7 +246,7 @@ def _bf16_run(rank: int) -> dict[str, list[dict[str, torch.Tensor]]]:
 def _ddp_regions_run(rank: int) -> dict[str, Any]:
     torch._dynamo.reset()
     counters.clear()
-    model, batches = _resnet(), _image_batches()
+    model, batches = small_resnet(), image_batches(STEPS)
     regions.compile_regions(model, (batches[0].chunk(WORLD)[rank],),
                             backend=backends.light("memory"))
     ddp = nn.parallel.DistributedDataParallel(model)
@@ -280,15 +269,15 @@ def _scenarios_worker(rank: int, port: int, out: str) -> None:
 def _single_process() -> dict[str, Any]:
     """The references: float64 eager on whole batches; the regional compile and the
     whole-model compile (light backend, the pass) on rank 0's half batches."""
-    reference = _resnet()
-    _train(reference, reference, _image_batches())
-    half = [x.chunk(WORLD)[0] for x in _image_batches()]
+    reference = small_resnet()
+    _train(reference, reference, image_batches(STEPS))
+    half = [x.chunk(WORLD)[0] for x in image_batches(STEPS)]
     counters.clear()
-    regional = _resnet()
+    regional = small_resnet()
     regions.compile_regions(regional, (half[0],), backend=backends.light("memory"))
     regional_kept = _steps(regional, regional, half, 0, 1)
     tuned = counters[COUNTER]["tuned"]
-    whole = _resnet()
+    whole = small_resnet()
     whole_kept = _steps(whole, torch.compile(whole, backend=backends.light("memory")), half, 0, 1)
     return {"state": _full_state(reference), "tuned": tuned, "regional_kept": regional_kept,
             "whole_kept": whole_kept}
@@ -299,7 +288,7 @@ def scenarios(tmp_path_factory) -> dict[str, Any]:
     out = str(tmp_path_factory.mktemp("scenarios") / "rank")
     mp.spawn(_scenarios_worker, args=(_free_port(), out), nprocs=WORLD, join=True)
     ranks = [torch.load(f"{out}.{rank}") for rank in range(WORLD)]
-    reference = _resnet()
+    reference = small_resnet()
     return {"ranks": ranks, "single": _single_process(),
             "f64_grads": [_grads(reference, x) for x in _bf16_draws()]}
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import convbn_pass
 from convbn_pass import Action, backends, deploy, memory, regions, zoo
 from convbn_pass.eager import _TuneFunction, _ConvSpec, is_tuned
-from helpers import KINDS, Step, block, errors, sample
+from helpers import KINDS, Step, block, errors, image_batches, sample, small_resnet
 from test_distributed import _free_port, _full_state
 from test_training_setups import AMP_LIMIT, AMP_SEEDS, BatchNormAct2d, VisionFrozenBN, \
     _ratios_over_seeds
@@ -649,17 +649,6 @@ WORLD = 2
 STEPS = 3
 
 
-def _dist_model() -> nn.Module:
-    torch.manual_seed(0)
-    model = zoo.ResNet(zoo.Bottleneck, [1, 1, 1, 1], num_classes=4, width=8)
-    return zoo.randomize_bn(model).eval().double()
-
-
-def _dist_batches() -> list[torch.Tensor]:
-    gen = torch.Generator().manual_seed(1)
-    return [torch.randn(4, 3, 32, 32, generator=gen, dtype=torch.float64) for _ in range(STEPS)]
-
-
 def _train(model: nn.Module, fn: Callable[..., Any], rank: int, world: int,
            measure: bool = True) -> dict[str, Any]:
     """SGD steps on this rank's share of each batch; the state after, and the
@@ -667,7 +656,7 @@ def _train(model: nn.Module, fn: Callable[..., Any], rank: int, world: int,
     parameters are other tensors while a module runs)."""
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     kept_bytes = []
-    for x in _dist_batches():
+    for x in image_batches(STEPS):
         part = x.chunk(world)[rank]
         exclude = [*model.parameters(), *model.buffers(), part] if measure else []
         with memory.SavedTensors(exclude) as saved:
@@ -687,12 +676,12 @@ def _dist_worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     try:
         found = {}
-        model = _dist_model()
-        plan = convbn_pass.tune(model, (_dist_batches()[0].chunk(WORLD)[rank],), policy="memory")
+        model = small_resnet()
+        plan = convbn_pass.tune(model, (image_batches(STEPS)[0].chunk(WORLD)[rank],), policy="memory")
         ddp = nn.parallel.DistributedDataParallel(model)
         found["ddp"] = {**_train(model, ddp, rank, WORLD), "tuned": len(plan.tuned)}
-        model = _dist_model()
-        plan = convbn_pass.tune(model, (_dist_batches()[0].chunk(WORLD)[rank],), policy="memory")
+        model = small_resnet()
+        plan = convbn_pass.tune(model, (image_batches(STEPS)[0].chunk(WORLD)[rank],), policy="memory")
         for layer in (model.layer1, model.layer2, model.layer3, model.layer4):
             fully_shard(layer)
         fully_shard(model)
@@ -707,10 +696,10 @@ def _dist_worker(rank: int, port: int, out: str) -> None:
 def distributed(tmp_path_factory) -> dict[str, Any]:
     out = str(tmp_path_factory.mktemp("eager_dist") / "rank")
     mp.spawn(_dist_worker, args=(_free_port(), out), nprocs=WORLD, join=True)
-    reference = _dist_model()
+    reference = small_resnet()
     single = _train(reference, reference, 0, 1)
-    half = _dist_model()
-    convbn_pass.tune(half, (_dist_batches()[0].chunk(WORLD)[0],), policy="memory")
+    half = small_resnet()
+    convbn_pass.tune(half, (image_batches(STEPS)[0].chunk(WORLD)[0],), policy="memory")
     return {"ranks": [torch.load(f"{out}.{r}") for r in range(WORLD)], "single": single,
             "half_kept": _train(half, half, 0, WORLD)["kept"]}
 

@@ -5,7 +5,8 @@
 #
 #   make demo    the main job: fine-tune a built-in ResNet with frozen BatchNorm,
 #                compiled without and with the pass, and compare
-#   make test    the test suite, as CI runs it
+#   make test    the test suite, as CI runs it: JOBS pytest-xdist workers (default 2),
+#                one file's tests on one worker, one OpenMP thread each
 #
 # PYTHON=... picks the interpreter (default python3); TORCH_INSTALL=... what to install
 # where torch is missing (default torch==2.13.0, the CPU build on this project's machines;
@@ -13,6 +14,7 @@
 
 PYTHON ?= python3
 PYTEST_ARGS ?=
+JOBS ?= 2
 export PYTHON
 
 .PHONY: demo test
@@ -23,4 +25,4 @@ demo:
 
 test:
 	@scripts/ensure-deps test,bench,examples
-	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PYTHON) -m pytest -q -n $(JOBS) --dist loadfile $(PYTEST_ARGS)

@@ -78,7 +78,7 @@ def measure_row(case: zoo_models.Case) -> Row:
     """One model's row; a crash is recorded in ``error``, not raised."""
     row = Row(case.id, case.about, "x".join(map(str, case.input_shape)))
     try:
-        zoo = zoo_models.measure_fresh(case)  # a fresh process per model, as the tests do
+        zoo = zoo_models.measure_fresh(case, tune=False)  # a fresh process per model, as the tests do
     except Exception as exc:  # a crash is a result of the table
         row.error = one_line(exc)
         traceback.print_exc(file=sys.stderr)

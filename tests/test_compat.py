@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch._dynamo.callback import callback_handler
+from torch._inductor import config as inductor_config
 from torch._inductor import custom_graph_pass
 
 import convbn_pass
@@ -100,11 +101,25 @@ def test_pre_grad_passes_on_reads_options_and_config(config, on):
     assert compat.pre_grad_passes_on(config) is on
 
 
-def test_pre_grad_passes_on_follows_inductor_config():
-    from torch._inductor import config as inductor_config
+def test_pre_grad_passes_on_reads_the_options():
     assert compat.pre_grad_passes_on(inductor_config)
+    assert compat.pre_grad_passes_on({})
+    assert not compat.pre_grad_passes_on({"use_pre_grad_passes": False})
+
+
+@pytest.mark.skipif(not hasattr(inductor_config, "use_pre_grad_passes"),
+                    reason="no use_pre_grad_passes setting (torch 2.9): pre-grad passes always run")
+def test_pre_grad_passes_on_follows_inductor_config():
     with inductor_config.patch(use_pre_grad_passes=False):
         assert not compat.pre_grad_passes_on(inductor_config)
+
+
+@pytest.mark.parametrize("spelling", ["L['self'].layer1[0].conv1",                  # 2.10 on
+                                      "L['self']._modules['layer1']._modules['0'].conv1",  # 2.9
+                                      "L['self']._modules['layer1'][0].conv1"])
+def test_module_paths_from_every_spelling_of_dynamo_sources(spelling):
+    from convbn_pass.core.match import _normalise_path
+    assert _normalise_path(spelling) == "layer1.0.conv1"
 
 
 def test_pyproject_floor_is_the_oldest_verified():

@@ -2,7 +2,9 @@
 
 Each model of :data:`zoo_models.CASES` (random weights, random BatchNorm
 statistics, eval mode) is tuned under the ``memory`` policy and takes one
-forward/backward step next to the same model untuned (eager Eval mode):
+forward/backward step next to the same model untuned (eager Eval mode), in the
+fresh process that also measures it through the light backend
+(:func:`zoo_models.zoo_run`):
 
 - numbers: outputs and every gradient within 1e-10 of Eval mode on the model's
   own scale (:func:`zoo_models.scaled_errors`);
@@ -21,15 +23,13 @@ same steps without tune.
 from __future__ import annotations
 
 import copy
-import dataclasses
-import time
 
 import pytest
 import torch
 import torch.nn as nn
 
 import convbn_pass
-from convbn_pass import REASONS, memory
+from convbn_pass import REASONS
 from tests_zoo import zoo_models
 from tests_zoo.zoo_models import Case
 
@@ -47,40 +47,12 @@ LEFT_IN_EVAL: dict[str, dict[str, str]] = {
 }
 
 
-@dataclasses.dataclass
-class EagerRun:
-    plan: convbn_pass.TunePlan
-    eager_pairs: list[tuple[str, str]]
-    errors: zoo_models.Errors
-    kept_eval: int            # activation bytes of one Eval-mode step
-    kept_tuned: int           # the same, tuned
-    seconds: float
-
-
-_RUNS: dict[str, EagerRun] = {}
-
-
-def measure(case: Case) -> EagerRun:
-    """Build ``case`` in float64, tune a copy under ``memory``, step both."""
-    start = time.perf_counter()
-    model, x = zoo_models.build(case), zoo_models.sample(case)
-    pairs = zoo_models.eager_pairs(model, x)
-    got = copy.deepcopy(model)
-    plan = convbn_pass.tune(got, (x,), policy="memory")
-    ref = zoo_models.train_step(model, model, x)
-    step = zoo_models.train_step(got, got, x)
-    model.zero_grad(set_to_none=True)
-    got.zero_grad(set_to_none=True)
-    kept = [memory.saved_activation_bytes(m, m, x.detach().requires_grad_(True))
-            for m in (model, got)]
-    return EagerRun(plan, pairs, zoo_models.scaled_errors(step, ref), *kept,
-                    time.perf_counter() - start)
-
-
-def eager_run(case: Case) -> EagerRun:
-    if case.id not in _RUNS:
-        _RUNS[case.id] = measure(case)
-    return _RUNS[case.id]
+def eager_run(case: Case) -> zoo_models.TuneRun:
+    """The tune part of the model's one measurement (:func:`zoo_models.zoo_run`,
+    shared with the light-backend tests, in a fresh process)."""
+    run = zoo_models.zoo_run(case)
+    assert run.tune is not None
+    return run.tune
 
 
 # One model's tests on one pytest-xdist worker (``--dist loadgroup``), so that it is measured once.
@@ -103,14 +75,15 @@ def test_tunes_every_module_pair(case: Case) -> None:
     run = eager_run(case)
     expected = LEFT_IN_EVAL.get(case.id, {})
     assert set(expected) <= set(REASONS), set(expected) - set(REASONS)
+    eager_pairs = zoo_models.zoo_run(case).eager_pairs
     tuned = [(d.conv, d.bn) for d in run.plan.tuned]
-    assert not set(tuned) - set(run.eager_pairs), "tuned pairs the hooks do not see"
-    left = {pair for pair in run.eager_pairs if pair not in tuned}
+    assert not set(tuned) - set(eager_pairs), "tuned pairs the hooks do not see"
+    left = {pair for pair in eager_pairs if pair not in tuned}
     reasons = {(d.conv, d.bn): str(d.reason) for d in run.plan.skipped}
     unexplained = {pair: reasons.get(pair, "no decision") for pair in left
                    if reasons.get(pair) not in expected}
     assert not unexplained, f"module pairs left in Eval mode: {unexplained}"
-    assert len(tuned) == len(run.eager_pairs) - len(left)
+    assert len(tuned) == len(eager_pairs) - len(left)
     assert {str(d.reason) for d in run.plan.skipped if (d.conv, d.bn) in left} == set(expected)
 
 

@@ -1,7 +1,7 @@
 """Real torchvision and timm models through the light backend, in float64.
 
 Each model of :data:`zoo_models.CASES` (random weights, random BatchNorm
-statistics, eval mode) is measured once by :func:`zoo_models.measure`: one
+statistics, eval mode) is measured once by :func:`zoo_models.zoo_run`: one
 forward/backward eagerly and through ``convbn_pass.backends.light`` without the
 pass and under the ``auto`` and ``memory`` policies. The tests below each judge
 one kind of result of that measurement:
@@ -25,19 +25,9 @@ import pytest
 
 from convbn_pass import REASONS, Reason
 from tests_zoo import zoo_models
-from tests_zoo.zoo_models import Case, ZooRun
+from tests_zoo.zoo_models import Case, zoo_run
 
 TOLERANCE = 1e-10  # float64: the rewrite reorders a few roundings, nothing more
-
-_RUNS: dict[str, ZooRun] = {}
-
-
-def zoo_run(case: Case) -> ZooRun:
-    """The measurement of ``case``, made once per session in a fresh process and
-    shared by the tests."""
-    if case.id not in _RUNS:
-        _RUNS[case.id] = zoo_models.measure_fresh(case)
-    return _RUNS[case.id]
 
 
 def _params(cases: tuple[Case, ...]) -> list[pytest.param]:

@@ -40,7 +40,8 @@ from convbn_pass import Decision, GraphRewrite
 from convbn_pass.core.records import tally
 
 __all__ = [
-    "Case", "CASES", "CASE_IDS", "Errors", "EligiblePair", "PolicyRun", "Step", "ZooRun",
+    "Case", "CASES", "CASE_IDS", "Errors", "EligiblePair", "PolicyRun", "Step", "TuneRun",
+    "ZooRun", "zoo_run",
     "randomize_norms", "freeze_batchnorm", "eligible_pairs", "eager_pairs",
     "train_step", "scaled_errors", "measure", "measure_fresh", "build", "sample", "kept_graphs",
 ]
@@ -700,10 +701,22 @@ class PolicyRun:
 
 
 @dataclasses.dataclass
+class TuneRun:
+    """``convbn_pass.tune`` under ``memory``, eagerly, next to eager Eval mode."""
+
+    plan: convbn_pass.TunePlan
+    errors: Errors            # of the tuned step against eager Eval mode
+    kept_eval: int            # activation bytes of one Eval-mode step
+    kept_tuned: int           # the same, tuned
+    seconds: float
+
+
+@dataclasses.dataclass
 class ZooRun:
     case: Case
     eager_pairs: list[tuple[str, str]]
     runs: dict[str | None, PolicyRun]
+    tune: TuneRun | None                # None where measure() was told not to tune
     seconds: float
 
 
@@ -729,8 +742,23 @@ def _run_policy(policy: str | None, model: nn.Module, x: torch.Tensor,
                      time.perf_counter() - start)
 
 
-def measure(case: Case, policies: Sequence[str | None] = POLICIES) -> ZooRun:
-    """Build ``case`` in float64 and run it eagerly and under each policy."""
+def _run_tune(model: nn.Module, x: torch.Tensor, ref: Step) -> TuneRun:
+    """Tune a copy of ``model`` under ``memory`` and step it eagerly."""
+    start = time.perf_counter()
+    torch._dynamo.reset()
+    tuned = copy.deepcopy(model)
+    plan = convbn_pass.tune(tuned, (x,), policy="memory")
+    step = train_step(tuned, tuned, x)
+    tuned.zero_grad(set_to_none=True)
+    kept = [convbn_pass.memory.saved_activation_bytes(m, m, x.detach().requires_grad_(True))
+            for m in (model, tuned)]
+    model.zero_grad(set_to_none=True)
+    return TuneRun(plan, scaled_errors(step, ref), *kept, time.perf_counter() - start)
+
+
+def measure(case: Case, policies: Sequence[str | None] = POLICIES, tune: bool = True) -> ZooRun:
+    """Build ``case`` in float64 and run it eagerly, under each policy and (if
+    ``tune``) tuned with ``convbn_pass.tune``, all against one eager reference step."""
     start = time.perf_counter()
     model, x = build(case), sample(case)
     pairs = eager_pairs(model, x)
@@ -739,10 +767,11 @@ def measure(case: Case, policies: Sequence[str | None] = POLICIES) -> ZooRun:
     del reference
     with torch._inductor.config.patch(fx_graph_cache=False):
         runs = {policy: _run_policy(policy, model, x, ref) for policy in policies}
-    return ZooRun(case, pairs, runs, time.perf_counter() - start)
+    tuned = _run_tune(model, x, ref) if tune else None
+    return ZooRun(case, pairs, runs, tuned, time.perf_counter() - start)
 
 
-def _measure_by_id(case_id: str, policies: tuple[str | None, ...]) -> ZooRun:
+def _measure_by_id(case_id: str, policies: tuple[str | None, ...], tune: bool) -> ZooRun:
     from torch._functorch import config as functorch_config
 
     # The settings tests_zoo/conftest.py gives every test: no cache may serve a compile
@@ -750,11 +779,12 @@ def _measure_by_id(case_id: str, policies: tuple[str | None, ...]) -> ZooRun:
     with torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=4096), \
             torch._inductor.config.patch(fx_graph_cache=False, autotune_local_cache=False), \
             functorch_config.patch(enable_autograd_cache=False):
-        run = measure(CASE_IDS[case_id], policies)
+        run = measure(CASE_IDS[case_id], policies, tune)
     return dataclasses.replace(run, case=None)  # type: ignore[arg-type]  # a Case's factory does not pickle
 
 
-def measure_fresh(case: Case, policies: Sequence[str | None] = POLICIES) -> ZooRun:
+def measure_fresh(case: Case, policies: Sequence[str | None] = POLICIES,
+                  tune: bool = True) -> ZooRun:
     """:func:`measure` in a fresh process (spawned, so nothing is inherited), the
     way the benchmarks time compiles. One long process compiling model after model
     grows and slows down: the same MobileNetV3-Small measurement took 29 s in a
@@ -765,6 +795,18 @@ def measure_fresh(case: Case, policies: Sequence[str | None] = POLICIES) -> ZooR
 
     with concurrent.futures.ProcessPoolExecutor(
             max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        run = pool.submit(_measure_by_id, case.id, tuple(policies)).result()
+        run = pool.submit(_measure_by_id, case.id, tuple(policies), tune).result()
     return dataclasses.replace(run, case=case)
+
+
+_RUNS: dict[str, ZooRun] = {}
+
+
+def zoo_run(case: Case) -> ZooRun:
+    """The measurement of ``case`` (:func:`measure_fresh`, every policy and tune),
+    made once per process and shared by the light and the eager zoo tests, which
+    pytest-xdist's ``--dist loadgroup`` sends to the same worker (one group per model)."""
+    if case.id not in _RUNS:
+        _RUNS[case.id] = measure_fresh(case)
+    return _RUNS[case.id]
 

@@ -218,8 +218,11 @@ _PATH_PREFIX = re.compile(r"^L\['[^']*'\]\.?")
 
 
 def _normalise_path(path: str) -> str:
+    """A module's path from Dynamo's spelling of its source: ``L['self'].layer1[0].conv1``
+    (2.10 on) or ``L['self']._modules['layer1']._modules['0'].conv1`` (2.9), both
+    ``layer1.0.conv1``."""
     path = _PATH_PREFIX.sub("", path)
-    path = re.sub(r"\._modules\['([^']*)'\]", r".\1", path)
+    path = re.sub(r"(?:^|\.)_modules\['([^']*)'\]", r".\1", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)
     return path.lstrip(".")
 

@@ -212,8 +212,10 @@ def conv_form(target: Any) -> ConvForm | None:
 def conv_module_form(module: nn.Module | type) -> ConvForm | None:
     """The row of a conv/linear module (or class), its subclasses included, or None."""
     cls = module if isinstance(module, type) else type(module)
-    return next((row for row in CONV_FORMS if row.module is not None
-                 and issubclass(cls, row.module)), None)
+    for row in CONV_FORMS:  # a loop: see norm_module_form
+        if row.module is not None and issubclass(cls, row.module):
+            return row
+    return None
 
 
 # ---------------------------------------------------------------------------
@@ -353,9 +355,13 @@ def norm_form(target: Any) -> NormForm | None:
 
 
 def norm_module_form(module: nn.Module) -> NormForm | None:
-    """The row of a normalisation module, or None."""
-    return next((row for row in NORM_FORMS
-                 if row.modules and isinstance(module, row.modules)), None)
+    """The row of a normalisation module, or None. (A loop, not ``next(genexpr, None)``:
+    a tuned model's forward calls this and conv_module_form under ``torch.compile``, and
+    Dynamo 2.8 breaks the graph on ``next`` with a default.)"""
+    for row in NORM_FORMS:
+        if row.modules and isinstance(module, row.modules):
+            return row
+    return None
 
 
 # Per-channel affine ops, with the method names of the same ops.

@@ -16,6 +16,7 @@ the backend.
 
 from __future__ import annotations
 
+import datetime
 import itertools
 import os
 import socket
@@ -65,7 +66,7 @@ def _train(model: nn.Module, fn, batches, rank: int = 0, world: int = 1) -> None
 
 def _worker(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=GLOO_TIMEOUT)
     try:
         model = _model()
         compiled = torch.compile(model, options=convbn_pass.options("memory",
@@ -76,6 +77,11 @@ def _worker(rank: int, port: int, out: str) -> None:
         torch.save({"state": model.state_dict(), "tuned": tuned}, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
+
+
+# A rank left waiting (a peer that died, a port taken between _free_port and the bind)
+# fails after this instead of hanging the suite.
+GLOO_TIMEOUT = datetime.timedelta(seconds=300)
 
 
 def _free_port() -> int:
@@ -256,7 +262,7 @@ def _ddp_regions_run(rank: int) -> dict[str, Any]:
 
 def _scenarios_worker(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=GLOO_TIMEOUT)
     torch.set_num_threads(1)
     try:
         found = {"fsdp_f64": _sharded_run(rank), "ddp_regions": _ddp_regions_run(rank),

@@ -24,7 +24,7 @@ import convbn_pass
 from convbn_pass import Action, backends, deploy, memory, regions, zoo
 from convbn_pass.eager import _TuneFunction, _ConvSpec, is_tuned
 from helpers import KINDS, Step, block, errors, image_batches, sample, small_resnet
-from test_distributed import _free_port, _full_state
+from test_distributed import GLOO_TIMEOUT, _free_port, _full_state
 from test_training_setups import AMP_LIMIT, AMP_SEEDS, BatchNormAct2d, VisionFrozenBN, \
     _ratios_over_seeds
 
@@ -672,7 +672,7 @@ def _dist_worker(rank: int, port: int, out: str) -> None:
     from torch.distributed.fsdp import fully_shard
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=GLOO_TIMEOUT)
     torch.set_num_threads(1)
     try:
         found = {}

@@ -1,6 +1,6 @@
 """What differs between the torch versions the package runs on, in one place.
 
-Verified on torch 2.10 to 2.15 (docs/versions.md); each function says which API it
+Verified on torch 2.8 to 2.15 (docs/versions.md); each function says which API it
 stands in for and where it differs. Everything else the package uses is the same on
 all of them.
 """

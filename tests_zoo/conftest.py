@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import logging
 import pathlib
+from typing import Any
 
 import pytest
 import torch
@@ -38,14 +39,38 @@ def _missing() -> str | None:
 _MISSING = _missing()
 
 
+def _model_of(nodeid: str) -> str | None:
+    """The zoo model a test's id names (``test_x[timm-dla34-auto]``: ``timm-dla34``),
+    the longest model id that is the whole parameter id or its prefix before a ``-``."""
+    from tests_zoo.zoo_models import CASE_IDS, FLOAT32_CASES
+
+    if "[" not in nodeid:
+        return None
+    param = nodeid[nodeid.index("[") + 1:nodeid.rindex("]")]
+    ids = [*CASE_IDS, *(case.id for case in FLOAT32_CASES)]
+    found = [i for i in ids if param == i or param.startswith(i + "-")]
+    return max(found, key=len) if found else None
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Under ``--dist loadgroup`` (as .ci/zoo runs it), every test of one model goes to
+    one worker: each model is measured once per process and its tests read that
+    measurement, so a model whose tests were spread over both workers was measured on
+    both. The scheduler groups by the model id in the test's id, rather than by the
+    ``xdist_group`` mark: pytest 9 keeps a node's id where pytest-xdist 3.8 no longer
+    writes the group into it, and there every model's tests went to both workers."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByModel(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _model_of(nodeid) or nodeid
+
+    return ByModel(config, log)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    # Each model is measured once per process and its tests read that measurement; with
-    # pytest-xdist (`-n 2 --dist loadgroup`, as .ci/zoo runs) one model's tests go to one
-    # worker, so no model is measured twice.
-    for item in items:
-        case = getattr(getattr(item, "callspec", None), "params", {}).get("case")
-        if case is not None:
-            item.add_marker(pytest.mark.xdist_group(case.id))
     if _MISSING is None:
         return
     skip = pytest.mark.skip(reason=_MISSING)

@@ -55,9 +55,7 @@ def eager_run(case: Case) -> zoo_models.TuneRun:
     return run.tune
 
 
-# One model's tests on one pytest-xdist worker (``--dist loadgroup``), so that it is measured once.
-CASES = [pytest.param(case, id=case.id, marks=[pytest.mark.xdist_group(case.id),
-                                                *([pytest.mark.slow] if case.slow else [])])
+CASES = [pytest.param(case, id=case.id, marks=[pytest.mark.slow] if case.slow else [])
          for case in zoo_models.CASES]
 
 

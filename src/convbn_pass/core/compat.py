@@ -136,7 +136,7 @@ def recompile_limits(per_code: int, accumulated: int | None = None) -> dict[str,
 def pre_grad_passes_on(config: Any) -> bool:
     """Whether Inductor's ``config`` (the module, or the options of one compile) runs
     pre-grad passes: its ``use_pre_grad_passes`` (2.10 on), True where torch has no such
-    setting (2.9)."""
+    setting (2.8 and 2.9, where pre-grad passes always run)."""
     if isinstance(config, dict):
         return bool(config.get("use_pre_grad_passes", True))
     return bool(getattr(config, "use_pre_grad_passes", True))

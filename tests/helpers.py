@@ -10,8 +10,10 @@ import sys
 import textwrap
 from typing import Any, Callable
 
+import pytest
 import torch
 import torch.nn as nn
+from torch._inductor import config as inductor_config
 from torch._dynamo.utils import counters
 
 import convbn_pass
@@ -19,6 +21,12 @@ from convbn_pass import backends, zoo
 from convbn_pass.core.records import COUNTER
 
 CompileFn = Callable[[nn.Module], Callable[..., Any]]
+
+# torch 2.8 and 2.9 have neither the setting nor mode="lite": pre-grad passes always run.
+needs_pre_grad_switch = pytest.mark.skipif(
+    not hasattr(inductor_config, "use_pre_grad_passes"),
+    reason=f"torch {torch.__version__} has no use_pre_grad_passes setting: pre-grad passes "
+           f"always run")
 
 KINDS = ["conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
          "conv_transpose3d", "linear"]

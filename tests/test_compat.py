@@ -11,7 +11,7 @@ from torch._inductor import custom_graph_pass
 
 import convbn_pass
 from convbn_pass.core import compat
-from helpers import block, counts, sample
+from helpers import block, counts, needs_pre_grad_switch, sample
 
 pytestmark = pytest.mark.version  # in the version suite (pytest -m version)
 
@@ -107,8 +107,7 @@ def test_pre_grad_passes_on_reads_the_options():
     assert not compat.pre_grad_passes_on({"use_pre_grad_passes": False})
 
 
-@pytest.mark.skipif(not hasattr(inductor_config, "use_pre_grad_passes"),
-                    reason="no use_pre_grad_passes setting (torch 2.9): pre-grad passes always run")
+@needs_pre_grad_switch
 def test_pre_grad_passes_on_follows_inductor_config():
     with inductor_config.patch(use_pre_grad_passes=False):
         assert not compat.pre_grad_passes_on(inductor_config)

@@ -17,17 +17,11 @@ from torch._inductor import config as inductor_config
 import convbn_pass
 from convbn_pass.core import compat, inductor
 from convbn_pass.core.records import COUNTER
-from helpers import block, counts, sample
+from helpers import block, counts, needs_pre_grad_switch, sample
 
 pytestmark = pytest.mark.version  # in the version suite (pytest -m version)
 
 OFF = inductor.OFF_COUNTER_KEY
-
-# torch 2.9 has neither the setting nor mode="lite": pre-grad passes always run there.
-switchable = pytest.mark.skipif(
-    not hasattr(inductor_config, "use_pre_grad_passes"),
-    reason=f"torch {torch.__version__} has no use_pre_grad_passes setting: pre-grad passes "
-           f"always run")
 
 
 @pytest.fixture(autouse=True)
@@ -49,7 +43,7 @@ def test_on_by_default_says_nothing():
     assert OFF not in counts()
 
 
-@switchable
+@needs_pre_grad_switch
 @pytest.mark.parametrize("setup", ["enable", "options"])
 def test_config_switched_off_warns_once_and_counts_each_setup(setup):
     make = convbn_pass.enable if setup == "enable" else convbn_pass.options
@@ -72,7 +66,7 @@ def test_options_that_switch_pre_grad_passes_off(value, said):
     assert counts().get(OFF, 0) == said
 
 
-@switchable
+@needs_pre_grad_switch
 def test_lite_mode_with_enable_is_seen_inside_the_compile():
     """mode="lite" sets use_pre_grad_passes=False for its compile only: enable() saw
     it on. Where Inductor asks the pass's key in every compile, the compile says so
@@ -88,7 +82,7 @@ def test_lite_mode_with_enable_is_seen_inside_the_compile():
     assert len(_ours(caught)) == int(seen)
 
 
-@switchable
+@needs_pre_grad_switch
 def test_a_compile_counts_once_however_often_it_asks():
     with inductor_config.patch(use_pre_grad_passes=False), \
             pytest.warns(UserWarning, match="use_pre_grad_passes=False"):
@@ -110,7 +104,7 @@ print(torch._inductor.config.use_pre_grad_passes, len(said))
 """
 
 
-@switchable
+@needs_pre_grad_switch
 def test_lite_mode_environment_variable():
     """TORCHINDUCTOR_LITE_MODE=1 (read at import): where it turns pre-grad passes off
     (torch 2.15), options() says so, naming it; where it does not, nothing is said."""

@@ -805,7 +805,8 @@ _RUNS: dict[str, ZooRun] = {}
 def zoo_run(case: Case) -> ZooRun:
     """The measurement of ``case`` (:func:`measure_fresh`, every policy and tune),
     made once per process and shared by the light and the eager zoo tests, which
-    pytest-xdist's ``--dist loadgroup`` sends to the same worker (one group per model)."""
+    ``--dist loadgroup`` sends to the same worker (the scheduler in
+    ``tests_zoo/conftest.py`` groups tests by model)."""
     if case.id not in _RUNS:
         _RUNS[case.id] = measure_fresh(case)
     return _RUNS[case.id]

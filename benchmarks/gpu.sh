@@ -18,8 +18,10 @@
 #                   tests/test_numerics.py)
 #   3. cudagraphs   mode="reduce-overhead" with eval BN, with and without the pass
 #                   (python -m benchmarks.cudagraphs), OUT_DIR/cudagraphs/
-#   4. eager        the eager entry point convbn_pass.tune (tests/test_eager.py on
-#                   CUDA); skipped, saying so, where convbn_pass.tune is not callable
+#   4. eager        the eager entry point convbn_pass.tune on CUDA: the tests of
+#                   tests/test_eager.py that take the device (pytest -m device: every
+#                   kind of block and conv setting in float64, Deploy's bytes, channels_last);
+#                   skipped, saying so, where convbn_pass.tune is not callable
 #
 # Each step's output goes to OUT_DIR/NAME.log; OUT_DIR also gets nvidia-smi.txt,
 # environment.txt and steps.txt (each step's seconds and exit status). Exit status: 0
@@ -108,7 +110,7 @@ step cudagraphs "${LIMITS[2]}" "$PY" -m benchmarks.cudagraphs "${GRAPHS[@]}" \
 if "$PY" -c "import sys, convbn_pass; sys.exit(0 if callable(getattr(convbn_pass, 'tune', None)) else 1)" \
         && [ -f tests/test_eager.py ] && "$PY" -c "import pytest" 2>/dev/null; then
     step eager "${LIMITS[3]}" "$PY" -m pytest -q -p no:cacheprovider --device "$DEVICE" \
-        tests/test_eager.py
+        -m device tests/test_eager.py
 else
     echo "eager: skipped: convbn_pass.tune is not callable in this checkout (or tests/test_eager.py or pytest is missing)" \
         | tee -a "$OUT/steps.txt" >&2

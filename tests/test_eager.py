@@ -30,6 +30,7 @@ from test_training_setups import AMP_LIMIT, AMP_SEEDS, BatchNormAct2d, VisionFro
 
 TOL = 1e-10
 VERSION = pytest.mark.version  # the eager path in the version suite (pytest -m version)
+DEVICE = pytest.mark.device    # runs on pytest --device (the GPU run's eager step: -m device)
 
 
 def tuned(model: nn.Module, x: Any, policy: str = "memory", **kw: Any
@@ -48,10 +49,12 @@ def reasons(plan: convbn_pass.TunePlan) -> list[str]:
     return [str(d.reason) for d in plan.decisions]
 
 
-def check(model: nn.Module, x: torch.Tensor, policy: str = "memory") -> convbn_pass.TunePlan:
-    """Tune a copy; its output and every gradient within TOL of the model in Eval mode."""
-    model = model.double()
-    x = x.double()
+def check(model: nn.Module, x: torch.Tensor, policy: str = "memory",
+          device: torch.device | str = "cpu") -> convbn_pass.TunePlan:
+    """Tune a copy on ``device``; its output and every gradient within TOL of the model
+    in Eval mode there."""
+    model = model.double().to(device)
+    x = x.double().to(device)
     got, plan = tuned(model, x, policy)
     errs = errors(Step(got, x), Step(model, x))
     assert max(errs.values()) <= TOL, errs
@@ -61,14 +64,16 @@ def check(model: nn.Module, x: torch.Tensor, policy: str = "memory") -> convbn_p
 # --- Every kind of block ---------------------------------------------------------------------
 
 @VERSION
+@DEVICE
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_kinds(kind, bias, affine):
-    plan = check(block(kind, bias=bias, affine=affine), sample(kind))
+def test_kinds(kind, bias, affine, device):
+    plan = check(block(kind, bias=bias, affine=affine), sample(kind), device=device)
     assert reasons(plan) == ["tuned"]
 
 
+@DEVICE
 @pytest.mark.parametrize("policy", ["memory", "keep_weight"])
 @pytest.mark.parametrize("kind, kw", [
     ("conv2d", dict(groups=2)),
@@ -84,8 +89,8 @@ def test_kinds(kind, bias, affine):
     ("conv2d", dict(padding="same", kernel_size=2, dilation=3, padding_mode="reflect")),
     ("conv1d", dict(padding="valid")),
 ])
-def test_conv_settings(kind, kw, policy):
-    plan = check(block(kind, **kw), sample(kind), policy)
+def test_conv_settings(kind, kw, policy, device):
+    plan = check(block(kind, **kw), sample(kind), policy, device)
     assert [d.action for d in plan.decisions] == [
         Action.TUNE if policy == "memory" else Action.TUNE_KEEP_WEIGHT]
 
@@ -153,16 +158,17 @@ def _models() -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
 MODELS = sorted(_models())
 
 
-def _model(name: str) -> tuple[nn.Module, torch.Tensor]:
+def _model(name: str, device: torch.device | str = "cpu") -> tuple[nn.Module, torch.Tensor]:
     model, shape = _models()[name]
     x = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    return zoo.randomize_bn(model).eval().double(), x
+    return zoo.randomize_bn(model).eval().double().to(device), x.to(device)
 
 
 @VERSION
+@DEVICE
 @pytest.mark.parametrize("name", MODELS)
-def test_memory_keeps_deploy_bytes(name):
-    model, x = _model(name)
+def test_memory_keeps_deploy_bytes(name, device):
+    model, x = _model(name, device)
     got, plan = tuned(model, x, "memory")
     assert plan.tuned and not plan.skipped
     folded = deploy.fold(model, x)
@@ -632,10 +638,12 @@ def test_autocast_input_without_grad(kind, keep_weight):
     assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
+@DEVICE
 @pytest.mark.parametrize("kind", ["conv2d", "conv_transpose2d"])
-def test_channels_last(kind):
-    model = block(kind).double().to(memory_format=torch.channels_last)
-    x = sample(kind, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+def test_channels_last(kind, device):
+    model = block(kind).double().to(device, memory_format=torch.channels_last)
+    x = sample(kind, dtype=torch.float64, device=device).contiguous(
+        memory_format=torch.channels_last)
     got, plan = tuned(model, x)
     a, b = Step(got, x), Step(model, x)
     assert reasons(plan) == ["tuned"]

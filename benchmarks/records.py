@@ -29,14 +29,20 @@ def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k in names and v is not None}
 
 
-def _modes(data: dict[str, Any]) -> dict[str, ModeResult]:
-    """A cell's ``modes``, keyed by mode name (which a mode's own ``mode`` repeats)."""
-    return {name: ModeResult.from_json({"mode": name, **r})
-            for name, r in data.get("modes", {}).items()}
+class _Record:
+    """``from_json``: the known fields of ``data``, a cell's ``modes`` as records."""
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Any:
+        fields = _known(cls, data)
+        if "modes" in fields:  # keyed by mode name, which a mode's own ``mode`` repeats
+            fields["modes"] = {name: ModeResult.from_json({"mode": name, **r})
+                               for name, r in fields["modes"].items()}
+        return cls(**fields)
 
 
 @dataclasses.dataclass
-class RssResult:
+class RssResult(_Record):
     """One mode compiled and stepped in a fresh process (CPU, ``--peak-rss``)."""
 
     first_s: float | None = None             # wall seconds of the cold first call
@@ -46,13 +52,9 @@ class RssResult:
     step_peak_bytes: int | None = None       # peak RSS of that step above before_step_bytes
     error: str | None = None                 # why the worker gave no figures
 
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> RssResult:
-        return cls(**_known(cls, data))
-
 
 @dataclasses.dataclass
-class SavedDecision:
+class SavedDecision(_Record):
     """convbn_pass's decision on one Conv→BN pair (a ``convbn_pass.Decision``), as results.json
     saves it."""
 
@@ -64,13 +66,9 @@ class SavedDecision:
     weight_numel: int | None = None          # elements of the conv weight
     activation_numel: int | None = None      # elements of the conv output
 
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> SavedDecision:
-        return cls(**_known(cls, data))
-
 
 @dataclasses.dataclass
-class ModeResult:
+class ModeResult(_Record):
     """One mode of one cell, block or light-backend cell. None: not measured there."""
 
     mode: str                                # the mode's name (harness.MODES)
@@ -110,7 +108,7 @@ class ModeResult:
 
 
 @dataclasses.dataclass
-class CellResult:
+class CellResult(_Record):
     """Every mode of one model at one batch (and image) size, Inductor backend."""
 
     model: str                               # zoo name, torchvision:NAME, timm:NAME, …
@@ -127,10 +125,6 @@ class CellResult:
     error: str | None = None                 # why the cell has no results
     rss_only: bool = False                   # made by --peak-rss alone (no in-process run)
 
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> CellResult:
-        return cls(**dict(_known(cls, data), modes=_modes(data)))
-
 
 @dataclasses.dataclass
 class BlockResult(CellResult):
@@ -146,13 +140,9 @@ class BlockResult(CellResult):
     act_over_weight: float = 0.0             # activation_numel / weight_numel
     auto_action: str | None = None           # the auto policy's action on it in the whole model
 
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> BlockResult:
-        return cls(**dict(_known(cls, data), modes=_modes(data)))
-
 
 @dataclasses.dataclass
-class LightCell:
+class LightCell(_Record):
     """Saved bytes of every mode of one cell through the light backend (no Inductor)."""
 
     model: str                               # as in CellResult
@@ -162,13 +152,9 @@ class LightCell:
     backend: str = "light"                   # convbn_pass.backends.light
     modes: dict[str, ModeResult] = dataclasses.field(default_factory=dict)  # by mode name
 
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> LightCell:
-        return cls(**dict(_known(cls, data), modes=_modes(data)))
-
 
 @dataclasses.dataclass
-class RunResult:
+class RunResult(_Record):
     """One run of ``python -m benchmarks.run``: results.json."""
 
     preset: str | None = None                # preset name or "custom"

@@ -61,8 +61,13 @@ def _dash(value: Any) -> Any:
     return "–" if value is None else value
 
 
-def _mark(ok: bool | None) -> str:
-    return "?" if ok is None else ("✓" if ok else "✗")
+def _verdict(t: dict[str, Any], key: str, fmt: str) -> str:
+    """Target ``key`` of ``t`` as ``✓ value`` (``✗`` missed, ``?`` undecided), the
+    value formatted by ``fmt``; "–" where it was not judged."""
+    if key not in t:
+        return "–"
+    *values, ok = t[key]
+    return ("?" if ok is None else "✓" if ok else "✗") + " " + fmt.format(*values)
 
 
 def noise(cell: Cell) -> float | None:
@@ -123,13 +128,8 @@ def compile_times(cell: CellResult) -> tuple[str, dict[str, float]]:
 
 
 def _auto_fails(t: dict[str, Any]) -> list[str]:
-    fails = []
-    for key in ("auto_le_compile", "auto_le_builtin", "compile_auto"):
-        if key in t and t[key][-1] is False:
-            fails.append(key)
-    if "auto_time" in t and not t["auto_time"][-1]:
-        fails.append("auto_time")
-    return fails
+    return [key for key in ("auto_le_compile", "auto_le_builtin", "compile_auto", "auto_time")
+            if key in t and t[key][-1] is False]
 
 
 # --- tables -------------------------------------------------------------------------
@@ -185,24 +185,13 @@ def _targets_section(cells: list[CellResult], fresh: bool) -> list[str]:
     rows = []
     for cell in cells:
         t = targets(cell)
-        row = _cell_id(cell)
-        if "memory_floor" in t:
-            row.append(f"{_mark(t['memory_floor'][1])} {t['memory_floor'][0] * 100:+.2f}%")
-        else:
-            row.append("–")
-        for key in ("auto_le_compile", "auto_le_builtin"):
-            row.append(f"{_mark(t[key][1])} {t[key][0]:.3f}" if key in t else "–")
-        if "auto_time" in t:
-            r, band, ok = t["auto_time"]
-            row.append(f"{_mark(ok)} {r:.3f} (±{band:.3f})")
-        else:
-            row.append("–")
-        for policy in convbn_pass.POLICIES:
-            key = f"compile_{policy}"
-            row.append(f"{_mark(t[key][1])} {t[key][0]:.2f}" if key in t else "–")
-        row.append(f"{t['compile_noise'] * 100:+.1f}%" if "compile_noise" in t else "–")
-        row.append(t["compile_source"])
-        rows.append(row)
+        rows.append(_cell_id(cell) + [
+            _verdict(t, "memory_floor", "{:+.2%}"),
+            _verdict(t, "auto_le_compile", "{:.3f}"), _verdict(t, "auto_le_builtin", "{:.3f}"),
+            _verdict(t, "auto_time", "{:.3f} (±{:.3f})"),
+            *(_verdict(t, f"compile_{p}", "{:.2f}") for p in convbn_pass.POLICIES),
+            f"{t['compile_noise'] * 100:+.1f}%" if "compile_noise" in t else "–",
+            t["compile_source"]])
     return lines + _table(header, rows)
 
 
@@ -466,34 +455,29 @@ def markdown(results: RunResult) -> str:
 
 # --- CSV ----------------------------------------------------------------------------
 
+RSS_FIELDS = ["step_peak_bytes", "process_peak_bytes", "first_s", "first_cpu_s"]  # rss_<field>
 CSV_FIELDS = ["kind", "model", "batch", "input_shape", "mode", "saved_bytes",
               "weight_shaped_bytes", "first_cpu_s", "median_s",
               "q1_s", "q3_s", "ratio", "ratio_q1", "ratio_q3", "rounds", "first_s", "compile_s",
-              "tuned", "builtin_rewrites", "new_graphs", "peak_bytes", "rss_step_peak_bytes",
-              "rss_process_peak_bytes", "rss_first_s", "rss_first_cpu_s", "block",
-              "weight_numel",
+              "tuned", "builtin_rewrites", "new_graphs", "peak_bytes",
+              *(f"rss_{f}" for f in RSS_FIELDS), "block", "weight_numel",
               "activation_numel", "checks"]
 
 
 def csv_rows(results: RunResult) -> list[dict[str, Any]]:
+    """One row per (cell, mode); a block's own fields come from its cell."""
     rows = []
-    items: list[tuple[str, Sequence[Cell]]] = [
-        ("grid", results.cells), ("block", results.blocks), ("light", results.light)]
-    for kind, cells in items:
+    for kind, cells in (("grid", results.cells), ("block", results.blocks),
+                        ("light", results.light)):
         for cell in cells:
             for mode, r in cell.modes.items():
-                row = {k: getattr(r, k, None) for k in CSV_FIELDS}
-                row.update({"rss_step_peak_bytes": _rss(cell, mode, "step_peak_bytes"),
-                            "rss_process_peak_bytes": _rss(cell, mode, "process_peak_bytes"),
-                            "rss_first_s": _rss(cell, mode, "first_s"),
-                            "rss_first_cpu_s": _rss(cell, mode, "first_cpu_s")})
-                row.update({"kind": kind, "model": cell.model, "batch": cell.batch,
-                            "input_shape": "x".join(map(str, cell.input_shape or [])),
-                            "mode": mode, "checks": "; ".join(r.checks),
-                            "block": getattr(cell, "block", None),
-                            "weight_numel": getattr(cell, "weight_numel", None),
-                            "activation_numel": getattr(cell, "activation_numel", None)})
-                rows.append(row)
+                rows.append({k: getattr(r, k, None) for k in CSV_FIELDS}
+                            | {f"rss_{f}": _rss(cell, mode, f) for f in RSS_FIELDS}
+                            | {k: getattr(cell, k, None)
+                               for k in ("block", "weight_numel", "activation_numel")}
+                            | {"kind": kind, "model": cell.model, "batch": cell.batch,
+                               "input_shape": "x".join(map(str, cell.input_shape or [])),
+                               "mode": mode, "checks": "; ".join(r.checks)})
     return rows
 
 
@@ -506,22 +490,6 @@ def _by_model(cells: Sequence[Cell]) -> dict[str, list[Cell]]:
     return {m: sorted(cs, key=lambda c: c.batch) for m, cs in grouped.items()}
 
 
-def _subplots(n: int):
-    import matplotlib.pyplot as plt
-    cols = min(n, 3)
-    rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.8 * rows), squeeze=False)
-    for ax in axes.flat[n:]:
-        ax.set_visible(False)
-    return fig, list(axes.flat)
-
-
-def _legend(fig: Any, ax: Any) -> None:
-    handles, labels = ax.get_legend_handles_labels()
-    fig.tight_layout(rect=(0, 0.08, 1, 0.95))
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 8), fontsize=8)
-
-
 def _panels(cells: Sequence[Cell], draw: Callable[[Any, list[Cell]], bool], ylabel: str,
             title: str, path: pathlib.Path) -> bool:
     """One panel per model against batch size; ``draw`` plots a model's cells on its
@@ -530,7 +498,12 @@ def _panels(cells: Sequence[Cell], draw: Callable[[Any, list[Cell]], bool], ylab
     grouped = _by_model(cells)
     if not grouped:
         return False
-    fig, axes = _subplots(len(grouped))
+    cols = min(len(grouped), 3)
+    rows = (len(grouped) + cols - 1) // cols
+    fig, grid = plt.subplots(rows, cols, figsize=(5 * cols, 3.8 * rows), squeeze=False)
+    axes = list(grid.flat)
+    for ax in axes[len(grouped):]:
+        ax.set_visible(False)
     plotted = False
     for ax, (model, cs) in zip(axes, grouped.items()):
         plotted = draw(ax, cs) or plotted
@@ -541,11 +514,19 @@ def _panels(cells: Sequence[Cell], draw: Callable[[Any, list[Cell]], bool], ylab
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
     if plotted:
-        _legend(fig, axes[0])
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.tight_layout(rect=(0, 0.08, 1, 0.95))
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 8), fontsize=8)
         fig.suptitle(title)
         fig.savefig(path, dpi=110)
     plt.close(fig)
     return plotted
+
+
+def _ratios(results: list[Any]) -> tuple[list[float], list[list[float]]]:
+    """Median time ratios and their quartiles as ``errorbar``'s ``y, yerr``."""
+    return ([r.ratio for r in results], [[r.ratio - r.ratio_q1 for r in results],
+                                         [r.ratio_q3 - r.ratio for r in results]])
 
 
 def _plot_metric(cells: Sequence[Cell], field: str, scale: float, ylabel: str, title: str,
@@ -570,12 +551,9 @@ def _plot_time(cells: list[CellResult], path: pathlib.Path) -> bool:
         ax.fill_between(batches, [1 - b for b in bands], [1 + b for b in bands], color="grey",
                         alpha=0.25, label="noise (twin)")
         for mode in _present(cs, "ratio", noise=False):
-            pts = [c.modes[mode] for c in cs if _get(c, mode, "ratio") is not None]
-            if mode != "compile" and pts:
-                ax.errorbar([c.batch for c in cs if _get(c, mode, "ratio") is not None],
-                            [r.ratio for r in pts],
-                            yerr=[[r.ratio - r.ratio_q1 for r in pts],
-                                  [r.ratio_q3 - r.ratio for r in pts]],
+            timed = [c for c in cs if _get(c, mode, "ratio") is not None]
+            if mode != "compile":
+                ax.errorbar([c.batch for c in timed], *_ratios([c.modes[mode] for c in timed]),
                             capsize=3, label=mode, **_style(mode))
         ax.axhline(1.0, color="black", lw=0.8)
         return True
@@ -596,10 +574,8 @@ def _plot_blocks(blocks: list[BlockResult], auto_ratio: float | None,
                             (axes[1], "positions", "output positions N·H·W (MACs per weight element)")):
         for label in sorted({(b.model, b.batch) for b in pts}):
             sel = [b for b in pts if (b.model, b.batch) == label]
-            tune = [b.modes["pass_memory"] for b in sel]
-            ax.errorbar([getattr(b, key) for b in sel], [t.ratio for t in tune],
-                        yerr=[[t.ratio - t.ratio_q1 for t in tune],
-                              [t.ratio_q3 - t.ratio for t in tune]],
+            ax.errorbar([getattr(b, key) for b in sel],
+                        *_ratios([b.modes["pass_memory"] for b in sel]),
                         fmt="o", capsize=2, label=f"{label[0]} batch {label[1]}")
         if auto_ratio and key == "act_over_weight":
             ax.axvline(auto_ratio, color="red", ls="--", label=f"auto ratio {auto_ratio}")

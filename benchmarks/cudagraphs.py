@@ -19,9 +19,7 @@ import argparse
 import copy
 import json
 import pathlib
-import statistics
 import sys
-import time
 from typing import Any, NamedTuple, Sequence
 
 import torch
@@ -30,9 +28,9 @@ import torch.nn as nn
 import convbn_pass
 from convbn_pass import memory, zoo
 from convbn_pass.core.records import COUNTER
-from convbn_pass.step import backward
+from convbn_pass.step import backward, train_step
 
-from .harness import load_model
+from .harness import load_model, median_step
 
 __all__ = ["ModeFigures", "measure", "main"]
 
@@ -43,11 +41,6 @@ class ModeFigures(NamedTuple):
     saved_bytes: int        # activation bytes kept for backward (convbn_pass.memory)
     median_s: float         # median training-step seconds after warm-up
     grad_rel_err: float     # worst parameter gradient, relative norm error to eager float64
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def _grads(fn: Any, model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -65,18 +58,6 @@ def _worst_error(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> 
                for n, r in ref.items())
 
 
-def _median_step(fn: Any, model: nn.Module, x: torch.Tensor, steps: int) -> float:
-    times = []
-    for _ in range(steps):
-        _sync(x.device)
-        start = time.perf_counter()
-        backward(fn(x))
-        model.zero_grad(set_to_none=True)
-        _sync(x.device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def measure(base: nn.Module, x: torch.Tensor, steps: int) -> list[ModeFigures]:
     """Both modes on copies of ``base`` (eval BN), each compiled afresh."""
     ref_model = copy.deepcopy(base).double().to(x.device)
@@ -91,13 +72,12 @@ def measure(base: nn.Module, x: torch.Tensor, steps: int) -> list[ModeFigures]:
         try:
             compiled = torch.compile(model, mode="reduce-overhead")
             for _ in range(3):  # CUDA graphs record on the third call
-                backward(compiled(x))
-                model.zero_grad(set_to_none=True)
+                train_step(compiled, model, x)
             tuned = int(torch._dynamo.utils.counters[COUNTER]["tuned"])
             saved = memory.saved_activation_bytes(compiled, model, x)
             model.zero_grad(set_to_none=True)
             error = _worst_error(_grads(compiled, model, x), reference)
-            step = _median_step(compiled, model, x, steps)
+            step = median_step(compiled, model, x, str(x.device), steps)
         finally:
             convbn_pass.disable()
         if with_pass and tuned == 0:

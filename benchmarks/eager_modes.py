@@ -38,14 +38,15 @@ import pathlib
 import platform
 import statistics
 import sys
-import time
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
 
 import convbn_pass
-from convbn_pass import deploy, memory, models, step, zoo
+from convbn_pass import deploy, memory, models, zoo
+
+from . import harness
 
 __all__ = ["ModeRun", "ModelRun", "MODES", "build_mode", "measure", "main"]
 
@@ -145,15 +146,6 @@ def _outputs(out: Any) -> torch.Tensor:
                       if isinstance(t, torch.Tensor)])
 
 
-def _step_seconds(fn: nn.Module, x: torch.Tensor, steps: int) -> float:
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step.train_step(fn, fn, x)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def measure(spec: str, shape: tuple[int, ...] | None, batch: int | None, rounds: int, steps: int,
             modes: Sequence[str] = MODES, dtype: torch.dtype = torch.float32,
             say: Callable[[str], None] = lambda _: None) -> ModelRun:
@@ -186,7 +178,8 @@ def measure(spec: str, shape: tuple[int, ...] | None, batch: int | None, rounds:
         say(f"{spec} {mode}: " + (run.error or f"{run.saved_bytes:,} bytes, "
                                   f"output error {run.out_error:.1e}"))
     for index in range(rounds):
-        seconds = {mode: _step_seconds(fn, x, steps) for mode, fn in built.items()}
+        seconds = {mode: harness.median_step(fn, fn, x, "cpu", steps)
+                   for mode, fn in built.items()}
         for mode in built:
             runs[mode].round_s.append(seconds[mode])
             runs[mode].round_ratios.append(seconds[mode] / seconds["eval"])
@@ -204,6 +197,13 @@ def _mb(n: int | None) -> str:
     return "—" if n is None else f"{n / 1e6:.1f}"
 
 
+def _spread(ratios: list[float]) -> str:
+    """Median (min–max) of per-round ratios."""
+    if not ratios:
+        return "—"
+    return f"{statistics.median(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f})"
+
+
 def table(results: Sequence[ModelRun]) -> str:
     """The markdown table: MB kept and step time against eager Eval, per model and mode."""
     modes = [m.mode for m in results[0].modes] if results else []
@@ -218,16 +218,11 @@ def table(results: Sequence[ModelRun]) -> str:
             else f"{m} {by[m].tuned}" for m in modes
             if by[m].tuned is not None and m != "eval" and not by[m].error)]
         cells += ["fails" if by[m].error else _mb(by[m].saved_bytes) for m in modes]
-        if not timed:
-            lines.append("| " + " | ".join(cells) + " |")
-            continue
-        cells.append(f"{statistics.median(by['eval'].round_s):.3f}" if by["eval"].round_s
-                     else "—")
-        for m in modes[1:]:
-            ratios = by[m].round_ratios
-            cells.append("fails" if by[m].error else
-                         f"{statistics.median(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f})"
-                         if ratios else "—")
+        if timed:
+            cells.append(f"{statistics.median(by['eval'].round_s):.3f}" if by["eval"].round_s
+                         else "—")
+            cells += ["fails" if by[m].error else _spread(by[m].round_ratios)
+                      for m in modes[1:]]
         lines.append("| " + " | ".join(cells) + " |")
     errors = [(r.model, m.mode, m.error) for r in results for m in r.modes if m.error]
     lines += ["", *(f"- {model}, {mode}: {error}" for model, mode, error in errors)]

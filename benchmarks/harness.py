@@ -30,7 +30,6 @@ import math
 import os
 import pathlib
 import resource
-import shutil
 import statistics
 import subprocess
 import sys
@@ -50,9 +49,9 @@ from convbn_pass.step import backward, train_step
 from .records import CellResult, LightCell, ModeResult, SavedDecision, RssResult
 
 __all__ = ["Mode", "MODES", "DEFAULT_MODES", "modes_for", "Settings", "Budget", "load_model",
-           "setup", "measure_cell", "measure_module", "light_cell", "peak_rss_worker",
-           "weight_shaped_bytes", "warm_up_compiler", "environment", "cpu_seconds",
-           "spawn", "worker_main"]
+           "setup", "timed_step", "median_step", "measure_cell", "measure_module", "light_cell",
+           "peak_rss_worker", "weight_shaped_bytes", "warm_up_compiler", "environment",
+           "cpu_seconds", "spawn", "worker_main"]
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BUILTIN_COUNTER = "efficient_conv_bn_eval"  # counters["inductor"][...] of PyTorch's pass
@@ -220,14 +219,20 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _timed_step(fn: Callable[..., Any], model: nn.Module, x: torch.Tensor,
-                device: str) -> float:
+def timed_step(fn: Callable[..., Any], model: nn.Module, x: torch.Tensor,
+               device: str) -> float:
     """Wall seconds of one training step: forward, backward, gradients dropped."""
     _sync(device)
     start = time.perf_counter()
     train_step(fn, model, x)
     _sync(device)
     return time.perf_counter() - start
+
+
+def median_step(fn: Callable[..., Any], model: nn.Module, x: torch.Tensor, device: str,
+                steps: int) -> float:
+    """The median of ``steps`` :func:`timed_step` s."""
+    return statistics.median(timed_step(fn, model, x, device) for _ in range(steps))
 
 
 def cpu_seconds() -> float:
@@ -247,12 +252,10 @@ def _kernel_cache(fresh: bool) -> Iterator[None]:
         yield
         return
     from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
-    directory = tempfile.mkdtemp(prefix="convbn_bench_cache_")
-    try:
-        with temporary_cache_dir(directory):
-            yield
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
+    with (tempfile.TemporaryDirectory(prefix="convbn_bench_cache_",
+                                      ignore_cleanup_errors=True) as directory,
+          temporary_cache_dir(directory)):
+        yield
 
 
 class _Counts(NamedTuple):
@@ -301,7 +304,7 @@ def _prepare(mode: Mode, base: nn.Module, x: torch.Tensor, settings: Settings,
     before = _counts()
     cpu_before = cpu_seconds()
     with _kernel_cache(settings.fresh_kernel_cache and mode.compiled and not mode.twin):
-        first = _timed_step(fn, model, x, settings.device)
+        first = timed_step(fn, model, x, settings.device)
     after = _counts()
     result = ModeResult(mode.name, first_s=first, first_cpu_s=cpu_seconds() - cpu_before,
                         new_graphs=after.graphs - before.graphs,
@@ -385,7 +388,7 @@ def _time_round_robin(instances: list[_Instance], x: torch.Tensor, settings: Set
     for inst in instances:
         for _ in range(settings.warmup - 1):
             train_step(inst.fn, inst.model, x)
-        warm.append(_timed_step(inst.fn, inst.model, x, settings.device))
+        warm.append(timed_step(inst.fn, inst.model, x, settings.device))
     # Short steps are timed in longer runs, so that timer and scheduler noise stay small.
     n_steps = max(settings.steps, math.ceil(settings.min_round_s / max(min(warm), 1e-6)))
     per_round: dict[str, list[float]] = {inst.mode.name: [] for inst in instances}
@@ -394,7 +397,7 @@ def _time_round_robin(instances: list[_Instance], x: torch.Tensor, settings: Set
     for r in range(settings.rounds):
         shift = r % len(instances)
         for inst in instances[shift:] + instances[:shift]:
-            times = [_timed_step(inst.fn, inst.model, x, settings.device)
+            times = [timed_step(inst.fn, inst.model, x, settings.device)
                      for _ in range(n_steps)]
             steps[inst.mode.name] += times
             per_round[inst.mode.name].append(statistics.fmean(times))
@@ -443,7 +446,9 @@ def measure_module(cell: CellResult, base: nn.Module, x: torch.Tensor, settings:
             message = models.one_line(exc)
             log(f"    {mode.name:<17} FAILED: {message}")
             cell.mode_errors[mode.name] = message
-            _free(settings.device)
+            gc.collect()
+            if settings.device.startswith("cuda"):
+                torch.cuda.empty_cache()
             continue
         if mode.compiled and not mode.twin:
             estimate = max(estimate, inst.result.first_s or 0.0)
@@ -464,12 +469,6 @@ def measure_module(cell: CellResult, base: nn.Module, x: torch.Tensor, settings:
     torch._dynamo.reset()
     gc.collect()
     return cell
-
-
-def _free(device: str) -> None:
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
 
 
 def _cell_checks(cell: CellResult, log: Log) -> None:
@@ -649,7 +648,7 @@ def peak_rss_worker(model_name: str, batch: int, mode_name: str,
     model, fn = MODES[mode_name].build(base, x)
     del base
     cpu_before = cpu_seconds()
-    first = _timed_step(fn, model, x, "cpu")
+    first = timed_step(fn, model, x, "cpu")
     first_cpu = cpu_seconds() - cpu_before
     for _ in range(max(settings.warmup, 1)):
         train_step(fn, model, x)

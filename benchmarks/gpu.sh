@@ -6,22 +6,14 @@
 #                                                     # (default OUT_DIR: a new temporary folder)
 #
 # Needs torch (2.11 or newer) with CUDA (Triton included) and pytest (the test steps
-# say so and fail where it is missing; the benchmarks still run); uses
-# torchvision and timm models where they import (random weights: nothing is downloaded)
-# and the project's own models otherwise. The package is not installed: src/ and the
-# checkout root go on PYTHONPATH. Steps, each under its own time limit, each timed:
-#
-#   1. grid         activation memory and step time against compile, the built-in pass
-#                   and Deploy (python -m benchmarks.run --preset gpu; ResNet-50 at
-#                   batch 64 included), OUT_DIR/grid/
-#   2. tests        the float64/float32 numerics tests on CUDA (pytest --device cuda
-#                   tests/test_numerics.py)
-#   3. cudagraphs   mode="reduce-overhead" with eval BN, with and without the pass
-#                   (python -m benchmarks.cudagraphs), OUT_DIR/cudagraphs/
-#   4. eager        the eager entry point convbn_pass.tune on CUDA: the tests of
-#                   tests/test_eager.py that take the device (pytest -m device: every
-#                   kind of block and conv setting in float64, Deploy's bytes, channels_last);
-#                   skipped, saying so, where convbn_pass.tune is not callable
+# say so and fail where it is missing; the benchmarks still run); uses torchvision and
+# timm models where they import (random weights: nothing is downloaded) and the project's
+# own models otherwise. The package is not installed: src/ and the checkout root go on
+# PYTHONPATH. Four steps, each under its own time limit, each timed (what each measures:
+# benchmarks/README.md, "GPU"): grid (python -m benchmarks.run --preset gpu, OUT_DIR/grid/),
+# tests (pytest --device cuda tests/test_numerics.py), cudagraphs (python -m
+# benchmarks.cudagraphs, OUT_DIR/cudagraphs/) and eager (pytest -m device
+# tests/test_eager.py; skipped, saying so, where convbn_pass.tune is not callable).
 #
 # Each step's output goes to OUT_DIR/NAME.log; OUT_DIR also gets nvidia-smi.txt,
 # environment.txt and steps.txt (each step's seconds and exit status). Exit status: 0

@@ -48,10 +48,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _default_batch(model: str) -> int:
-    return 4 if model == "unet" else 8
-
-
 def _option(text: str) -> tuple[str, Any]:
     key, _, value = text.partition("=")
     parsed: Any = {"True": True, "False": False}.get(value, value)
@@ -101,21 +97,20 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     plan_cpu = harness.cpu_seconds() - start_cpu
     kernels_before = metrics.generated_kernel_count
     step.train_step(fn, model, x)
-    result = {
+    return {
         "cpu_s": harness.cpu_seconds() - start_cpu,
         "wall_s": time.perf_counter() - start,
         "plan_cpu_s": plan_cpu if plan is not None else 0.0,
         "kernels": metrics.generated_kernel_count - kernels_before,
         "cpp_units": cpp["units"],
         "cpp_cpu_s": cpp["cpu_s"],
+        # compile_regions' own trace is one of Dynamo's graphs
         "graphs": int(counters["stats"]["unique_graphs"]) - (1 if plan is not None else 0),
         "tuned": int(counters[COUNTER]["tuned"]),
-        "pairs": len(plan.pairs) if plan is not None else None,
-        "regions": len(plan.regions) if plan is not None else None,
-        "groups": len(plan.groups) if plan is not None else None,
-        "root": plan.root if plan is not None else None,
+        **({"pairs": len(plan.pairs), "regions": len(plan.regions),
+            "groups": len(plan.groups), "root": plan.root} if plan is not None
+           else dict.fromkeys(("pairs", "regions", "groups", "root"))),
     }
-    return result
 
 
 def _count_cpp_compiles(cpu_seconds: Any) -> dict[str, Any]:
@@ -139,18 +134,9 @@ def _count_cpp_compiles(cpu_seconds: Any) -> dict[str, Any]:
     return tally
 
 
-def _spawn(spec: dict[str, Any]) -> dict[str, Any]:
-    from benchmarks import harness
-    return harness.spawn("benchmarks.regional_compile", spec,
-                         {"TORCHINDUCTOR_COMPILE_THREADS": "1"}).result
-
-
-def _load() -> float:
-    return os.getloadavg()[0]
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    batches = args.batch or [_default_batch(m) for m in args.models]
+    from benchmarks import harness
+    batches = args.batch or [4 if m == "unet" else 8 for m in args.models]
     if len(batches) != len(args.models):
         raise SystemExit("--batch: give one batch per model")
     runs: list[dict[str, Any]] = []
@@ -161,8 +147,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for mode in order:
                 spec = {"model": model, "batch": batch, "px": args.px, "mode": mode,
                         "policy": args.policy, "options": args.options}
-                load = _load()
-                result = _spawn(spec)
+                load = os.getloadavg()[0]
+                result = harness.spawn("benchmarks.regional_compile", spec,
+                                       {"TORCHINDUCTOR_COMPILE_THREADS": "1"}).result
                 runs.append({**spec, "round": r, "load": load, **result})
                 print(f"round {r} {model} b{batch} {mode:<14} "
                       + (f"{result['cpu_s']:.1f} CPU s, {result['kernels']} kernels, "

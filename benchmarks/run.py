@@ -24,7 +24,7 @@ import json
 import pathlib
 import shlex
 import sys
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -174,11 +174,9 @@ def _resolve(args: argparse.Namespace) -> tuple[str, Preset]:
         raise ValueError("--light and --blocks need --models and --batches")
     elif args.peak_rss:
         changes["peak_rss"] = preset.cells
-    for field in ("device", "threads", "budget", "rounds", "steps"):
+    for field in ("device", "threads", "budget", "rounds", "steps", "time_per_cell"):
         if getattr(args, field) is not None:
             changes[field] = getattr(args, field)
-    if args.time_per_cell is not None:
-        changes["time_per_cell"] = args.time_per_cell
     if args.modes:
         changes["modes"] = tuple(args.modes)
     if args.shared_kernel_cache:
@@ -206,34 +204,36 @@ def _save(results: RunResult, out: pathlib.Path) -> None:
     tmp.replace(out / "results.json")
 
 
-def _progress(i: int, n: int, what: str, budget: harness.Budget) -> None:
-    left = "" if budget.deadline is None else f", {budget.left():.0f} s of budget left"
-    _log(f"[{i}/{n}] {what} ({budget.elapsed():.0f} s elapsed{left})")
+def _cells(cells: Sequence[Cell], kind: str,
+           budget: harness.Budget) -> Iterator[tuple[str, str, int, int]]:
+    """``(what, model, batch, px)`` of each cell, after logging its progress line."""
+    for i, (model, batch, px) in enumerate(cells, 1):
+        what = f"{kind}{model} batch {batch}" + (f" at {px} px" if px else "")
+        left = "" if budget.deadline is None else f", {budget.left():.0f} s of budget left"
+        _log(f"[{i}/{len(cells)}] {what} ({budget.elapsed():.0f} s elapsed{left})")
+        yield what, model, batch, px
+
+
+def _unavailable(results: RunResult, what: str, model: str, exc: Exception) -> None:
+    results.skipped.append(f"{what}: {exc}")
+    _log(f"    skipped {model}: {exc}")
 
 
 def _run_grid(preset: Preset, modes: list[harness.Mode], results: RunResult,
               out: pathlib.Path, budget: harness.Budget) -> None:
     estimates: dict[str, float] = {}
-    for i, (model, batch, px) in enumerate(preset.cells, 1):
-        what = f"{model} batch {batch}" + (f" at {px} px" if px else "")
-        _progress(i, len(preset.cells), what, budget)
-        try:
-            models.check_available(model)
-        except models.Unavailable as exc:
-            results.skipped.append(f"{what}: {exc}")
-            _log(f"    skipped {model}: {exc}")
-            continue
+    for what, model, batch, px in _cells(preset.cells, "", budget):
         estimate = estimates.get(model, max(estimates.values(), default=0.0))
-        if not budget.allows(estimate + 20):
-            results.skipped.append(f"{what}: time budget ({budget.left():.0f} s left)")
-            _log("    skipped: time budget")
-            continue
         try:
+            models.check_available(model)  # before the budget check: a clearer reason
+            if not budget.allows(estimate + 20):
+                results.skipped.append(f"{what}: time budget ({budget.left():.0f} s left)")
+                _log("    skipped: time budget")
+                continue
             cell = harness.measure_cell(model, batch, _settings(preset, px), modes, budget, _log,
                                         estimate)
         except models.Unavailable as exc:
-            results.skipped.append(f"{what}: {exc}")
-            _log(f"    skipped {model}: {exc}")
+            _unavailable(results, what, model, exc)
             continue
         except Exception as exc:  # keep going: the run may be unattended
             results.skipped.append(f"{what}: failed, {type(exc).__name__}: {exc}")
@@ -267,9 +267,7 @@ def _run_peak_rss(preset: Preset, modes: list[harness.Mode], results: RunResult,
         if preset.peak_rss:
             _log("peak RSS is a CPU measurement; on CUDA every cell has the allocator peak")
         return
-    for i, (model, batch, px) in enumerate(preset.peak_rss, 1):
-        what = f"peak RSS: {model} batch {batch}" + (f" at {px} px" if px else "")
-        _progress(i, len(preset.peak_rss), what, budget)
+    for what, model, batch, px in _cells(preset.peak_rss, "peak RSS: ", budget):
         cell = next((c for c in results.cells if (c.model, c.batch) == (model, batch)
                      and (not px or (c.input_shape or [0])[-1] == px)), None)
         if cell is None:
@@ -314,17 +312,14 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _run_light(preset: Preset, modes: list[harness.Mode], results: RunResult,
                out: pathlib.Path, budget: harness.Budget) -> None:
-    for i, (model, batch, px) in enumerate(preset.light, 1):
-        what = f"light: {model} batch {batch}" + (f" at {px} px" if px else "")
-        _progress(i, len(preset.light), what, budget)
+    for what, model, batch, px in _cells(preset.light, "light: ", budget):
         if budget.left() <= 0:
             results.skipped.append(f"{what}: time budget")
             continue
         try:
             cell = harness.light_cell(model, batch, px, modes, preset.device)
         except models.Unavailable as exc:
-            results.skipped.append(f"{what}: {exc}")
-            _log(f"    skipped {model}: {exc}")
+            _unavailable(results, what, model, exc)
             continue
         results.light.append(cell)
         _log("    " + ", ".join(f"{m} {(r.saved_bytes or 0) / 1e6:.2f} MB"
@@ -335,8 +330,7 @@ def _run_light(preset: Preset, modes: list[harness.Mode], results: RunResult,
 def _run_blocks(preset: Preset, results: RunResult, out: pathlib.Path,
                 budget: harness.Budget) -> None:
     from . import blocks
-    for i, (model, batch, px) in enumerate(preset.blocks, 1):
-        _progress(i, len(preset.blocks), f"blocks: {model} batch {batch} at {px} px", budget)
+    for _, model, batch, px in _cells(preset.blocks, "blocks: ", budget):
         found = blocks.measure_blocks(model, batch, _settings(preset, px), budget, _log)
         results.blocks += found
         for b in found:

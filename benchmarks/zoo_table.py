@@ -10,17 +10,8 @@ Needs torchvision and timm (the environment ``.ci/zoo`` builds). Each model is
 measured as the zoo tests measure it (``tests_zoo/zoo_models.py``, one
 function for both): random weights and BatchNorm statistics, eval mode,
 float64, one forward/backward eagerly and through ``convbn_pass.backends.light``
-without the pass and under ``auto`` and ``memory``. Columns:
-
-- pairs: conv → BN pairs counted without the pass in Dynamo's graphs;
-- tuned auto / memory: pairs the pass rewrote under each policy;
-- bytes none / auto / memory: activation bytes kept for backward (light backend);
-- worst error: the larger of output and gradient error against eager float64,
-  over both policies, on the model's own scale (largest output / gradient entry);
-- skips memory / auto: pairs left alone under each policy, by reason (the
-  pass's stable reason strings, ``convbn_pass.REASONS``);
-- seconds: the whole measurement (three compiles and five steps), in a fresh
-  process per model (start-up not counted).
+without the pass and under ``auto`` and ``memory``. The columns are :class:`Row`'s,
+explained in the table's ``HEADER``.
 
 Writes ``results.json`` (one record per model, and the versions),
 ``results.md`` and ``command.txt`` (the command as run) to ``--out`` (default
@@ -57,16 +48,17 @@ class Row:
     about: str
     input: str
     graphs: int = 0
-    pairs: int = 0
-    tuned_auto: int = 0
+    pairs: int = 0            # conv → BN pairs counted without the pass in Dynamo's graphs
+    tuned_auto: int = 0       # pairs the pass rewrote under each policy
     tuned_memory: int = 0
-    bytes_none: int = 0
+    bytes_none: int = 0       # activation bytes kept for backward (light backend)
     bytes_auto: int = 0
     bytes_memory: int = 0
-    worst_error: float = 0.0
-    skips_memory: dict[str, int] = dataclasses.field(default_factory=dict)  # reason: pairs
+    worst_error: float = 0.0  # output and gradients against eager float64, both policies
+    # pairs left alone, by reason (the pass's stable reason strings, convbn_pass.REASONS)
+    skips_memory: dict[str, int] = dataclasses.field(default_factory=dict)
     skips_auto: dict[str, int] = dataclasses.field(default_factory=dict)
-    seconds: float = 0.0
+    seconds: float = 0.0      # three compiles and five steps, fresh process, start-up excluded
     error: str = ""           # a crash, in one line
 
 

@@ -174,7 +174,6 @@ class RunResult(_Record):
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RunResult:
         fields = _known(cls, data)
-        fields["cells"] = [CellResult.from_json(c) for c in data.get("cells", [])]
-        fields["light"] = [LightCell.from_json(c) for c in data.get("light", [])]
-        fields["blocks"] = [BlockResult.from_json(b) for b in data.get("blocks", [])]
+        for key, record in (("cells", CellResult), ("light", LightCell), ("blocks", BlockResult)):
+            fields[key] = [record.from_json(c) for c in data.get(key, [])]
         return cls(**fields)

@@ -46,8 +46,7 @@ def _get(cell: Cell, mode: str, field: str) -> Any:
 
 def _rss(cell: Cell, mode: str, field: str) -> Any:
     """A fresh-process figure of one mode of a cell, or None."""
-    rss = _get(cell, mode, "rss")
-    return None if rss is None else getattr(rss, field)
+    return getattr(_get(cell, mode, "rss"), field, None)
 
 
 def _fmt(value: float | None, digits: int = 1, per: float = 1.0) -> str:

@@ -2,7 +2,9 @@
 
 ``mode`` and ``options`` cannot be given together to ``torch.compile``, so the pass
 comes in through ``convbn_pass.enable()``, after ``torch._dynamo.reset()`` so that
-no graph compiled without it is reused. Each mode is measured on its own copy of
+no graph compiled without it is reused, with Inductor's and AOTAutograd's graph
+caches off so that a second run on one machine runs the pass again rather than
+being served the first run's graphs. Each mode is measured on its own copy of
 one model (same weights and statistics) against eager float64::
 
     python -m benchmarks.cudagraphs --model torchvision:resnet18 --batch 32 --px 224 --out DIR
@@ -70,14 +72,16 @@ def measure(base: nn.Module, x: torch.Tensor, steps: int) -> list[ModeFigures]:
         if with_pass:
             convbn_pass.enable("memory")
         try:
-            compiled = torch.compile(model, mode="reduce-overhead")
-            for _ in range(3):  # CUDA graphs record on the third call
-                train_step(compiled, model, x)
-            tuned = int(torch._dynamo.utils.counters[COUNTER]["tuned"])
-            saved = memory.saved_activation_bytes(compiled, model, x)
-            model.zero_grad(set_to_none=True)
-            error = _worst_error(_grads(compiled, model, x), reference)
-            step = median_step(compiled, model, x, str(x.device), steps)
+            with torch._inductor.config.patch(fx_graph_cache=False, autotune_local_cache=False), \
+                    torch._functorch.config.patch(enable_autograd_cache=False):
+                compiled = torch.compile(model, mode="reduce-overhead")
+                for _ in range(3):  # CUDA graphs record on the third call
+                    train_step(compiled, model, x)
+                tuned = int(torch._dynamo.utils.counters[COUNTER]["tuned"])
+                saved = memory.saved_activation_bytes(compiled, model, x)
+                model.zero_grad(set_to_none=True)
+                error = _worst_error(_grads(compiled, model, x), reference)
+                step = median_step(compiled, model, x, str(x.device), steps)
         finally:
             convbn_pass.disable()
         if with_pass and tuned == 0:

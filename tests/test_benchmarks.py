@@ -11,6 +11,7 @@ import shutil
 import sys
 
 import pytest
+import torch
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -183,3 +184,17 @@ def test_report_without_matplotlib_writes_the_tables(monkeypatch, tmp_path: path
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import raises ImportError
     written = report.write_all(records.RunResult(environment={}), tmp_path)
     assert written == ["results.md"] and (tmp_path / "results.md").exists()
+
+
+def test_cudagraphs_runs_the_pass_again_with_warm_graph_caches(tmp_path, monkeypatch):
+    """A second run on one machine (the GPU run's rerun) is not served the first
+    run's graphs: benchmarks.cudagraphs compiles with the graph caches off, so the
+    pass runs and tunes every time."""
+    from benchmarks import cudagraphs
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    model = convbn_pass.zoo.randomize_bn(convbn_pass.zoo.MLPBN(8, 16)).eval()
+    x = torch.randn(4, 8)
+    with torch._inductor.config.patch(fx_graph_cache=True), \
+            torch._functorch.config.patch(enable_autograd_cache=True):
+        runs = [cudagraphs.measure(model, x, steps=1) for _ in range(2)]
+    assert [[f.tuned for f in figures] for figures in runs] == [[0, 3], [0, 3]]

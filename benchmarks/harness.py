@@ -663,8 +663,22 @@ def peak_rss_worker(model_name: str, batch: int, mode_name: str,
                      before_step_bytes=before, step_peak_bytes=step_peak - before)
 
 
+def _reading_rank(mode: Mode) -> int:
+    """Eager, the baseline (and its noise copies), the built-in pass, the policies,
+    Deploy: the order a reader compares them in, apart from the compile order."""
+    if not mode.compiled:
+        return 0
+    if mode.builtin:
+        return 2
+    if mode.policy is not None:
+        return 3
+    return 4 if mode.deploy else 1
+
+
 def modes_named(names: Iterable[str]) -> list[str]:
-    """``names`` in the table's order, names the table does not know (older results'
-    modes) after them: the column order of every report."""
+    """``names`` in reading order (eager, baseline, built-in, policies in
+    ``convbn_pass.POLICIES`` order, Deploy), names the table does not know (older
+    results' modes) after them: the column order of every report."""
     names = list(dict.fromkeys(names))
-    return [n for n in MODES if n in names] + sorted(n for n in names if n not in MODES)
+    known = sorted((MODES[n] for n in names if n in MODES), key=_reading_rank)
+    return [m.name for m in known] + sorted(n for n in names if n not in MODES)

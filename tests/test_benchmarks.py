@@ -198,3 +198,14 @@ def test_cudagraphs_runs_the_pass_again_with_warm_graph_caches(tmp_path, monkeyp
             torch._functorch.config.patch(enable_autograd_cache=True):
         runs = [cudagraphs.measure(model, x, steps=1) for _ in range(2)]
     assert [[f.tuned for f in figures] for figures in runs] == [[0, 3], [0, 3]]
+
+
+def test_report_columns_in_reading_order():
+    """Reports put the modes in the order a reader compares them (baseline, built-in,
+    each policy, Deploy), whatever order they were compiled in; a new policy lands
+    among the policies."""
+    order = harness.modes_named(reversed(list(harness.MODES)))
+    policies = [f"pass_{p}" for p in convbn_pass.POLICIES]
+    assert order[:2] == ["eager", "compile"] and order[-1] == "deploy"
+    assert order.index("builtin") < order.index(policies[0])
+    assert [m for m in order if m.startswith("pass_")] == policies

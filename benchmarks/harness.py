@@ -680,5 +680,5 @@ def modes_named(names: Iterable[str]) -> list[str]:
     ``convbn_pass.POLICIES`` order, Deploy), names the table does not know (older
     results' modes) after them: the column order of every report."""
     names = list(dict.fromkeys(names))
-    known = sorted((MODES[n] for n in names if n in MODES), key=_reading_rank)
+    known = sorted((m for m in MODES.values() if m.name in names), key=_reading_rank)
     return [m.name for m in known] + sorted(n for n in names if n not in MODES)

@@ -115,7 +115,8 @@ def test_pre_grad_passes_on_follows_inductor_config():
 
 @pytest.mark.parametrize("spelling", ["L['self'].layer1[0].conv1",                  # 2.10 on
                                       "L['self']._modules['layer1']._modules['0'].conv1",  # 2.9
-                                      "L['self']._modules['layer1'][0].conv1"])
+                                      "L['self']._modules['layer1'][0].conv1",
+                                      "getattr(getattr(L['self'].layer1, '0'), 'conv1')"])  # 2.7 export
 def test_module_paths_from_every_spelling_of_dynamo_sources(spelling):
     from convbn_pass.core.match import _normalise_path
     assert _normalise_path(spelling) == "layer1.0.conv1"

@@ -121,8 +121,11 @@ def _fetch_attr(gm: torch.nn.Module | None, target: str) -> Any:
 
 
 def _example_value(node: fx.Node) -> torch.Tensor | None:
-    """The (fake) tensor Dynamo or export recorded for ``node``, or None."""
-    for key in ("example_value", "val"):
+    """The (fake) tensor export, ``make_fx`` or Dynamo recorded for ``node``, or None.
+    ``val`` first: torch 2.7's ``torch.export(...).module()`` keeps a stale
+    ``example_value`` on its ``get_attr`` nodes (every parameter carried the graph
+    output's shape), beside the right ``val``."""
+    for key in ("val", "example_value"):
         value = node.meta.get(key)
         if isinstance(value, torch.Tensor):
             return value
@@ -215,12 +218,16 @@ def _numel(shape: tuple[Any, ...] | None) -> int | None:
 
 
 _PATH_PREFIX = re.compile(r"^L\['[^']*'\]\.?")
+_GETATTR = re.compile(r"getattr\(([^()]*), '([^']*)'\)")
 
 
 def _normalise_path(path: str) -> str:
     """A module's path from Dynamo's spelling of its source: ``L['self'].layer1[0].conv1``
-    (2.10 on) or ``L['self']._modules['layer1']._modules['0'].conv1`` (2.9), both
+    (2.10 on), ``L['self']._modules['layer1']._modules['0'].conv1`` (2.9) or
+    ``getattr(getattr(L['self'].layer1, '0'), 'conv1')`` (2.7's export), all
     ``layer1.0.conv1``."""
+    while _GETATTR.search(path):
+        path = _GETATTR.sub(r"\1.\2", path)
     path = _PATH_PREFIX.sub("", path)
     path = re.sub(r"(?:^|\.)_modules\['([^']*)'\]", r".\1", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)

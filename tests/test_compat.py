@@ -122,6 +122,21 @@ def test_module_paths_from_every_spelling_of_dynamo_sources(spelling):
     assert _normalise_path(spelling) == "layer1.0.conv1"
 
 
+def test_recorded_val_wins_over_a_stale_example_value():
+    """torch 2.7's ``export(...).module()`` leaves each ``get_attr`` node an
+    ``example_value`` with the graph output's shape beside the right ``val``; the pass
+    reads ``val``, so the pair is tuned rather than refused as a channel mismatch."""
+    model, x = block("conv2d"), sample("conv2d")
+    gm = torch.export.export(model, (x,)).module()
+    stale = torch.empty(model(x).shape)
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            node.meta["example_value"] = stale
+    [decision] = convbn_pass.apply(gm, [x], policy="memory")
+    assert (decision.reason, decision.conv, decision.bn) == ("tuned", "0", "1")
+    torch.testing.assert_close(gm(x), model(x))
+
+
 def test_pyproject_floor_is_the_oldest_verified():
     import pathlib
     tomllib = pytest.importorskip("tomllib")  # Python 3.11 on
